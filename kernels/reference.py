@@ -1,0 +1,85 @@
+"""Plain PyTorch versions of every fused op: the ground truth the Triton kernels are tested against.
+
+Numerics follow the kernels: normalisation and modulation run in float32 whatever the input
+dtype, and the result is cast back to the input dtype.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """LayerNorm without affine, then ``* (1 + scale[n]) + shift[n]``.
+
+    x: (N, L, D); shift, scale: (N, D) -> (N, L, D) in x's dtype.
+    """
+    xf = x.float()
+    normed = F.layer_norm(xf, (x.shape[-1],), eps=eps)
+    out = normed * (1.0 + scale.float().unsqueeze(1)) + shift.float().unsqueeze(1)
+    return out.to(x.dtype)
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x + gate[n] * y``.  x, y: (N, L, D); gate: (N, D) -> (N, L, D) in x's dtype."""
+    return (x.float() + gate.float().unsqueeze(1) * y.float()).to(x.dtype)
+
+
+def gated_residual_layernorm_modulate(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    y: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DiT block's "add, then norm for the next sub-layer" pair.
+
+    x, y: (N, L, D); gate, shift, scale: (N, D) ->
+    (residual = x + gate*y, layernorm_modulate(residual, shift, scale)), both (N, L, D).
+    """
+    residual = gated_residual(x, gate, y)
+    return residual, layernorm_modulate(residual, shift, scale, eps)
+
+
+def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[n, k] = x[n, ids_keep[n, k]] (+ pos[ids_keep[n, k]])``.
+
+    x: (N, L, D); ids_keep: (N, K) int64; pos: (L, D) or None -> (N, K, D).
+    """
+    index = ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+    out = torch.gather(x, 1, index)
+    if pos is not None:
+        out = out + pos[ids_keep].to(out.dtype)
+    return out
+
+
+def scatter_tokens(
+    x_keep: torch.Tensor,
+    ids_keep: torch.Tensor,
+    length: int,
+    fill: torch.Tensor,
+    pos: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Put kept tokens back in place and ``fill`` (the mask token) everywhere else, plus ``pos``.
+
+    x_keep: (N, K, D); ids_keep: (N, K) int64 (unique per row); fill: (D,); pos: (L, D) or None
+    -> (N, length, D).
+    """
+    n, _, d = x_keep.shape
+    out = fill.to(x_keep.dtype).expand(n, length, d)
+    index = ids_keep.unsqueeze(-1).expand(-1, -1, d)
+    out = out.scatter(1, index, x_keep)
+    if pos is not None:
+        out = out + pos.to(out.dtype)
+    return out
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention with scale ``head_dim ** -0.5``, computed in float32.
+
+    q, k, v: (N, L, H, Dh) -> (N, L, H, Dh).
+    """
+    qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))
+    weights = torch.softmax((qf @ kf.transpose(-2, -1)) * q.shape[-1] ** -0.5, dim=-1)
+    return (weights @ vf).transpose(1, 2).to(q.dtype)
