@@ -1,7 +1,8 @@
 """Plain PyTorch versions of every fused op: the ground truth the Triton kernels are tested against.
 
 Numerics follow the kernels: normalisation and modulation run in float32 whatever the input
-dtype, and the result is cast back to the input dtype.
+dtype (float64 inputs stay float64, so tests can compute exact ground truth), and the result is
+cast back to the input dtype.
 """
 from __future__ import annotations
 
@@ -9,20 +10,25 @@ import torch
 import torch.nn.functional as F
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or float64 if it already is."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """LayerNorm without affine, then ``* (1 + scale[n]) + shift[n]``.
 
     x: (N, L, D); shift, scale: (N, D) -> (N, L, D) in x's dtype.
     """
-    xf = x.float()
+    xf = _wide(x)
     normed = F.layer_norm(xf, (x.shape[-1],), eps=eps)
-    out = normed * (1.0 + scale.float().unsqueeze(1)) + shift.float().unsqueeze(1)
+    out = normed * (1.0 + _wide(scale).unsqueeze(1)) + _wide(shift).unsqueeze(1)
     return out.to(x.dtype)
 
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``x + gate[n] * y``.  x, y: (N, L, D); gate: (N, D) -> (N, L, D) in x's dtype."""
-    return (x.float() + gate.float().unsqueeze(1) * y.float()).to(x.dtype)
+    return (_wide(x) + _wide(gate).unsqueeze(1) * _wide(y)).to(x.dtype)
 
 
 def gated_residual_layernorm_modulate(
@@ -80,6 +86,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
     q, k, v: (N, L, H, Dh) -> (N, L, H, Dh).
     """
-    qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))
+    qf, kf, vf = (_wide(t).transpose(1, 2) for t in (q, k, v))
     weights = torch.softmax((qf @ kf.transpose(-2, -1)) * q.shape[-1] ** -0.5, dim=-1)
     return (weights @ vf).transpose(1, 2).to(q.dtype)

@@ -1,0 +1,189 @@
+"""Triton adaLN kernels (kernels/adaln.py) against float64 ground truth from kernels.reference.
+
+Shapes are small (the CPU run uses Triton's interpreter) but cover the widths that matter:
+72 (MNIST preset), 384, 1152 (DiT-XL), odd/tiny ones, N = 1 and L = 1.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels import adaln, reference
+from kernels._common import block_sizes, row_chunks
+
+pytestmark = pytest.mark.usefixtures("poison")
+
+SHAPES = [(1, 1, 8), (3, 13, 72), (2, 7, 384), (2, 5, 1152), (1, 3, 33)]  # (N, L, D)
+LOW_PRECISION = [(dtype, shape) for dtype in (torch.bfloat16, torch.float16) for shape in [(3, 13, 72), (2, 5, 1152)]]
+CASES = [(torch.float32, shape) for shape in SHAPES] + LOW_PRECISION
+IDS = [f"{str(dtype)[6:]}-{'x'.join(map(str, shape))}" for dtype, shape in CASES]
+
+
+def _inputs(shape, dtype, device, names):
+    """Random (never zero) leaf tensors in ``dtype`` and their exact float64 twins."""
+    n, length, d = shape
+    sizes = {"x": (n, length, d), "y": (n, length, d), "gate": (n, d), "shift": (n, d), "scale": (n, d)}
+    ours, truth = [], []
+    for name in names:
+        t = (torch.randn(sizes[name], dtype=torch.float64) + 0.1).to(dtype)
+        ours.append(t.to(device, copy=True).requires_grad_())
+        truth.append(t.double().requires_grad_())
+    return ours, truth
+
+
+def _grads_like(outputs):
+    return [torch.randn(o.shape, dtype=torch.float64).to(o.dtype) for o in outputs]
+
+
+def _run(fn, args, grads):
+    outs = fn(*args)
+    outs = list(outs) if isinstance(outs, tuple) else [outs]
+    torch.autograd.backward(outs, [g.to(outs[0].device) for g in grads])
+    return [o.detach().cpu() for o in outs], [a.grad.cpu() for a in args]
+
+
+OPS = {
+    "layernorm_modulate": (kernels.layernorm_modulate, reference.layernorm_modulate, ("x", "shift", "scale")),
+    "gated_residual": (kernels.gated_residual, reference.gated_residual, ("x", "gate", "y")),
+    "gated_residual_layernorm_modulate": (
+        kernels.gated_residual_layernorm_modulate, reference.gated_residual_layernorm_modulate,
+        ("x", "gate", "y", "shift", "scale"),
+    ),
+}
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("dtype, shape", CASES, ids=IDS)
+def test_forward_backward_match_float64_reference(op, dtype, shape, assert_close, device):
+    fn, ref, names = OPS[op]
+    ours, truth = _inputs(shape, dtype, device, names)
+    upstream = _grads_like([ours[0]] * (2 if op == "gated_residual_layernorm_modulate" else 1))
+    outs, grads = _run(fn, ours, upstream)
+    ref_outs, ref_grads = _run(ref, truth, [g.double() for g in upstream])
+    for i, (o, r) in enumerate(zip(outs, ref_outs)):
+        assert o.dtype == dtype
+        assert_close(o, r, dtype, f"{op} output {i}")
+    for name, a, g, r in zip(names, ours, grads, ref_grads):
+        assert g.dtype == a.dtype
+        assert_close(g, r, dtype, f"{op} grad {name}")
+
+
+def test_strided_modulation_vectors(assert_close, device):
+    """adaLN chunks are strided views of one (N, k*D) tensor; the kernels read them in place."""
+    n, length, d = 2, 6, 72
+    mod = torch.randn(n, 3 * d, dtype=torch.float64)
+    x, y = (torch.randn(n, length, d, dtype=torch.float64) for _ in range(2))
+    ours = [t.float().to(device).requires_grad_() for t in (x, y, mod)]
+    truth = [t.clone().requires_grad_() for t in (x, y, mod)]
+    upstream = torch.randn(n, length, d, dtype=torch.float64)
+    for (x_, y_, m), fn in ((ours, kernels.gated_residual_layernorm_modulate),
+                            (truth, reference.gated_residual_layernorm_modulate)):
+        gate, shift, scale = m.chunk(3, dim=1)
+        r, out = fn(x_, gate, y_, shift, scale)
+        (r.sum() + (out * upstream.to(out)).sum()).backward()
+    for i, (a, b) in enumerate(zip(ours, truth)):
+        assert_close(a.grad.cpu(), b.grad, torch.float32, f"grad {i}")
+
+
+def test_fused_equals_unfused_pair(device):
+    (x, gate, y, shift, scale), _ = _inputs((2, 9, 384), torch.float32, device, ("x", "gate", "y", "shift", "scale"))
+    r, out = kernels.gated_residual_layernorm_modulate(x, gate, y, shift, scale)
+    r2 = kernels.gated_residual(x, gate, y)
+    assert torch.equal(r, r2)
+    assert torch.equal(out, kernels.layernorm_modulate(r2, shift, scale))
+
+
+def test_gradients_are_deterministic(device):
+    """Two identical backward passes give bitwise-identical gradients (no atomics)."""
+    shape = (2, 70, 72)
+    block_m = block_sizes(shape[2])[0]
+    assert row_chunks(shape[0], shape[1], block_m, torch.device(device))[0] > 1  # the split path runs
+    ours, _ = _inputs(shape, torch.float32, device, ("x", "gate", "y", "shift", "scale"))
+    upstream = [torch.randn(shape, device=device) for _ in range(2)]
+    runs = []
+    for _ in range(2):
+        for t in ours:
+            t.grad = None
+        torch.autograd.backward(list(kernels.gated_residual_layernorm_modulate(*ours)), upstream)
+        runs.append([t.grad.clone() for t in ours])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+class _LaunchCounter:
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+def test_fused_op_is_one_pass(monkeypatch, device):
+    """Forward: one kernel (reads x, y once; writes r, normed once). Backward: one kernel + the partial sum."""
+    fwd, bwd = _LaunchCounter(adaln._adaln_fwd_kernel), _LaunchCounter(adaln._adaln_bwd_kernel)
+    monkeypatch.setattr(adaln, "_adaln_fwd_kernel", fwd)
+    monkeypatch.setattr(adaln, "_adaln_bwd_kernel", bwd)
+    ours, _ = _inputs((2, 5, 72), torch.float32, device, ("x", "gate", "y", "shift", "scale"))
+    r, out = kernels.gated_residual_layernorm_modulate(*ours)
+    assert (fwd.launches, bwd.launches) == (1, 0)
+    (r.sum() + out.sum()).backward()
+    assert (fwd.launches, bwd.launches) == (1, 1)
+
+
+def test_unused_residual_output(assert_close, device):
+    """Only ``normed`` is used: autograd hands the backward a zero grad for ``r``."""
+    ours, truth = _inputs((2, 4, 72), torch.float32, device, ("x", "gate", "y", "shift", "scale"))
+    kernels.gated_residual_layernorm_modulate(*ours)[1].square().sum().backward()
+    reference.gated_residual_layernorm_modulate(*truth)[1].square().sum().backward()
+    for a, b in zip(ours, truth):
+        assert_close(a.grad.cpu(), b.grad, torch.float32)
+
+
+@pytest.mark.parametrize("op", ["layernorm_modulate", "gated_residual", "gated_residual_layernorm_modulate"])
+def test_opcheck(op, device):
+    names = OPS[op][2]
+    ours, _ = _inputs((2, 3, 40), torch.float32, device, names)
+    args = tuple(ours) + ((1e-6,) if "layernorm" in op else ())
+    torch.library.opcheck(getattr(torch.ops.maskdit, op).default, args)
+
+
+def test_opcheck_backward_ops(device):
+    (x, gate, y, shift, scale), _ = _inputs((2, 3, 40), torch.float32, device, ("x", "gate", "y", "shift", "scale"))
+    x, gate, y, scale = (t.detach() for t in (x, gate, y, scale))
+    r, _, mean, rstd = torch.ops.maskdit.gated_residual_layernorm_modulate(x, gate, y, shift.detach(), scale, 1e-6)
+    dout = torch.randn_like(x)
+    torch.library.opcheck(torch.ops.maskdit.layernorm_modulate_backward.default, (dout, r, scale, mean, rstd))
+    torch.library.opcheck(torch.ops.maskdit.gated_residual_backward.default, (dout, gate, y))
+    torch.library.opcheck(torch.ops.maskdit.gated_residual_layernorm_modulate_backward.default,
+                          (dout, dout.clone(), r, gate, y, scale, mean, rstd))
+
+
+def test_torch_compile_sees_one_op(assert_close, device):
+    """fullgraph=True: the ops trace (fake impls, autograd) without graph breaks."""
+    ours, truth = _inputs((2, 5, 72), torch.float32, device, ("x", "gate", "y", "shift", "scale"))
+
+    def step(x, gate, y, shift, scale):
+        r, h = kernels.gated_residual_layernorm_modulate(x, gate, y, shift, scale)
+        return kernels.gated_residual(r, gate, kernels.layernorm_modulate(h, shift, scale)).square().sum()
+
+    backend = "inductor" if device == "cuda" else "aot_eager"  # inductor on CPU would need a C++ toolchain
+    torch.compile(step, backend=backend, fullgraph=True)(*ours).backward()
+    with kernels.backend("reference"):
+        step(*truth).backward()
+    for a, b in zip(ours, truth):
+        assert_close(a.grad.cpu(), b.grad, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(8, 256, 1152), (8, 128, 1152), (8, 256, 512)])
+def test_dit_xl_shapes_on_gpu(shape, dtype, assert_close):
+    """Full-size rows on the compiled kernels (the interpreter cannot afford these)."""
+    names = ("x", "gate", "y", "shift", "scale")
+    ours, truth = _inputs(shape, dtype, "cuda", names)
+    upstream = _grads_like([ours[0], ours[0]])
+    outs, grads = _run(kernels.gated_residual_layernorm_modulate, ours, upstream)
+    ref_outs, ref_grads = _run(reference.gated_residual_layernorm_modulate, truth, [g.double() for g in upstream])
+    for o, r in zip(outs + grads, ref_outs + ref_grads):
+        assert_close(o, r, dtype)
