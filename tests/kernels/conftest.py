@@ -1,9 +1,10 @@
 """Shared setup for the kernel tests.
 
-Without a GPU the Triton kernels run in Triton's interpreter. ``@triton.jit`` picks the
-interpreter when the kernel is *defined*, so ``TRITON_INTERPRET`` must be set before the
-``kernels`` package is first imported; this file does it, which is enough when the kernel tests
-run on their own or first (a root ``tests/conftest.py`` doing the same covers every order).
+Without a GPU the Triton kernels run in Triton's interpreter. Triton decides that when it is
+imported and when each ``@triton.jit`` function is defined, so ``TRITON_INTERPRET=1`` must be
+in the environment before anything imports ``triton``. This file sets it, which is enough when
+the kernel tests are collected first; for whole-suite runs where an earlier test folder imports
+``kernels`` (hence ``triton``), ``tests/conftest.py`` must set it too.
 """
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import kernels  # noqa: E402
+from kernels import adaln  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Relative error bound per dtype: max |actual - expected| / max |expected| against float64 truth.
@@ -27,27 +30,21 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA device (compiled Triton, not the interpreter)")
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs CUDA")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
-
-
 @pytest.fixture(autouse=True)
-def triton_backend():
-    """Every kernel test runs the Triton path unless it says otherwise."""
-    if DEVICE == "cpu" and not os.environ.get("TRITON_INTERPRET"):
-        pytest.fail("no CUDA and TRITON_INTERPRET is unset: set it before `kernels` is imported")
+def triton_backend(request: pytest.FixtureRequest):
+    """Every kernel test runs the Triton path unless it says otherwise; ``gpu`` tests need CUDA."""
+    if request.node.get_closest_marker("gpu") and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
     with kernels.backend("triton"):
         yield
 
 
 @pytest.fixture
 def device() -> str:
-    """Where the kernel tests run: the GPU when there is one, else the CPU (interpreter)."""
+    """Where kernels run: the GPU when there is one, else the CPU through Triton's interpreter."""
+    if DEVICE == "cpu" and not isinstance(adaln._adaln_fwd_kernel, InterpretedFunction):
+        pytest.fail("no CUDA, and triton was imported before TRITON_INTERPRET=1 was set: "
+                    "set it in the environment or at the top of tests/conftest.py")
     return DEVICE
 
 

@@ -187,3 +187,25 @@ def test_dit_xl_shapes_on_gpu(shape, dtype, assert_close):
     ref_outs, ref_grads = _run(reference.gated_residual_layernorm_modulate, truth, [g.double() for g in upstream])
     for o, r in zip(outs + grads, ref_outs + ref_grads):
         assert_close(o, r, dtype)
+
+
+def test_mixed_dtypes_follow_each_input(assert_close, device):
+    """float32 residual stream with bf16 branch outputs (as under autocast): out in x's dtype, grads in each input's."""
+    n, length, d = 2, 5, 72
+    dtypes = {"x": torch.float32, "gate": torch.bfloat16, "y": torch.bfloat16, "shift": torch.bfloat16,
+              "scale": torch.bfloat16}
+    names = tuple(dtypes)
+    ours, truth = [], []
+    for name in names:
+        (t,), (t64,) = _inputs((n, length, d), dtypes[name], device, (name,))
+        ours.append(t)
+        truth.append(t64)
+    upstream = _grads_like([ours[0], ours[0]])
+    outs, grads = _run(kernels.gated_residual_layernorm_modulate, ours, upstream)
+    ref_outs, ref_grads = _run(reference.gated_residual_layernorm_modulate, truth, [g.double() for g in upstream])
+    assert [o.dtype for o in outs] == [torch.float32, torch.float32]
+    for name, g, r in zip(names, grads, ref_grads):
+        assert g.dtype == dtypes[name]
+        assert_close(g, r, dtypes[name], f"grad {name}")
+    for o, r in zip(outs, ref_outs):
+        assert_close(o, r, torch.float32)
