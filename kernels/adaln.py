@@ -63,11 +63,11 @@ def _adaln_bwd_kernel(
     DR, DOUT, XR, Y, GATE, SCALE, MEAN, RSTD,  # grads of (residual, normed); saved tensors
     DX, DY, PARTIAL,  # outputs: (N, L, D), (N, L, D), float32 (P, N, C, D) partial sums
     L, D, rows_per_chunk, stride_gate, stride_scale,
-    HAS_RESIDUAL: tl.constexpr, HAS_NORM: tl.constexpr, HAS_DR: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_NORM: tl.constexpr, HAS_DR: tl.constexpr, NORM_SLOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # XR is the normalised input: x for layernorm_modulate, the saved residual r for the fused op.
-    # Partial slots: [dgate] if HAS_RESIDUAL, then [dshift, dscale] if HAS_NORM.
+    # PARTIAL slots: [dgate] if HAS_RESIDUAL, then [dshift, dscale] from NORM_SLOT if HAS_NORM.
     n = tl.program_id(0)
     c = tl.program_id(1)
     num_n = tl.num_programs(0)
@@ -115,14 +115,13 @@ def _adaln_bwd_kernel(
             tl.store(DY + offs, (dx * gate[None, :]).to(DY.dtype.element_ty), mask=mask)
             acc_gate += tl.sum(dx * y, axis=0)
 
-    slot = 0
+    here = (n * num_c + c).to(tl.int64) * D + cols
+    slot = num_n.to(tl.int64) * num_c * D
     if HAS_RESIDUAL:
-        tl.store(PARTIAL + ((slot * num_n + n) * num_c + c).to(tl.int64) * D + cols, acc_gate, mask=col_ok)
-        slot += 1
+        tl.store(PARTIAL + here, acc_gate, mask=col_ok)
     if HAS_NORM:
-        tl.store(PARTIAL + ((slot * num_n + n) * num_c + c).to(tl.int64) * D + cols, acc_shift, mask=col_ok)
-        slot += 1
-        tl.store(PARTIAL + ((slot * num_n + n) * num_c + c).to(tl.int64) * D + cols, acc_scale, mask=col_ok)
+        tl.store(PARTIAL + NORM_SLOT * slot + here, acc_shift, mask=col_ok)
+        tl.store(PARTIAL + (NORM_SLOT + 1) * slot + here, acc_scale, mask=col_ok)
 
 
 def _vec(t: torch.Tensor) -> torch.Tensor:
@@ -168,7 +167,7 @@ def _launch_bwd(dr, dout, xr, y, gate, scale, mean, rstd, has_residual: bool, ha
         dx if has_norm else unused, dy if has_residual else unused, partial,
         length, d, rows_per_chunk,
         gate.stride(0) if has_residual else 0, scale.stride(0) if has_norm else 0,
-        HAS_RESIDUAL=has_residual, HAS_NORM=has_norm, HAS_DR=has_dr,
+        HAS_RESIDUAL=has_residual, HAS_NORM=has_norm, HAS_DR=has_dr, NORM_SLOT=int(has_residual),
         BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
     )
     sums = sum_partials(partial).view(slots, n, d)

@@ -171,7 +171,8 @@ def run(ops: Sequence[str], shapes: dict, dtype: torch.dtype, device: str, compi
 
 
 def _table(results: list[Result]) -> str:
-    head = f"{'op':34} {'shape':14} {'mode':8} {'triton ms':>10} {'GB/s':>8} {'of copy':>8} {'vs eager':>9} {'vs compile':>10}"
+    head = (f"{'op':34} {'shape':14} {'mode':8} {'triton ms':>10} {'GB/s':>8} {'of copy':>8} {'vs eager':>9} "
+            f"{'vs compile':>10}")
     rows = [head, "-" * len(head)]
     for r in results:
         rows.append(f"{r.op:34} {r.shape:14} {r.mode:8} {r.triton_ms:10.4f} {r.triton_gbps:8.1f} {r.of_copy:8.1%} "
