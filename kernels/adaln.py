@@ -251,6 +251,7 @@ def _(x, gate, y):
 @torch.library.custom_op("maskdit::gated_residual_backward", mutates_args=())
 def _gated_residual_bwd_op(dr: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     y = y.contiguous()
+    # No norm here, so the "normalised input" slot is never read; y stands in for it.
     _, dy, sums = _launch_bwd(dr.contiguous(), None, y, y, _vec(gate), None, None, None, True, False)
     return dy, sums[0]
 
