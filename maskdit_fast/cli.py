@@ -1,0 +1,107 @@
+"""Command-line entry points behind ``train.py`` / ``sample.py`` (also the console scripts
+``maskdit-train`` and ``maskdit-sample``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, load_config
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Train MaskDiT / DiT with EDM. With no arguments: MaskDiT on the bundled MNIST.",
+        epilog="Overrides are key=value pairs, e.g. model.mask_ratio=0.25 train.max_steps=500")
+    parser.add_argument("--config", default="mnist", help="preset name in configs/ or a YAML path (default: mnist)")
+    parser.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    parser.add_argument("--init-from", default=None, metavar="CKPT",
+                        help="start from a pretrained checkpoint's weights (the unmasked fine-tune)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        parser.error(str(err))
+    if args.resume and args.init_from:
+        parser.error("--resume and --init-from exclude each other")
+    if args.init_from and not Path(args.init_from).is_file():
+        parser.error(f"--init-from {args.init_from}: no such file")
+    from .train.trainer import train
+
+    out = Path(args.out or Path("runs") / Path(args.config).stem)
+    final = train(cfg, out, resume=args.resume, init_from=args.init_from, progress=not args.no_progress)
+    print(f"EMA weights: {final}\nsamples: {out / 'samples'}\nmetrics: {out / 'metrics.jsonl'}")
+    return 0
+
+
+def sample_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Sample a trained checkpoint: a PNG grid and an ADM-layout .npz.")
+    parser.add_argument("--ckpt", required=True, help="EMA .safetensors (or a training state .pt)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--n", type=int, default=64, help="number of images (default 64)")
+    parser.add_argument("--steps", type=int, default=None, help="EDM time steps (default: the checkpoint's config, else 18)")
+    parser.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: the checkpoint's config)")
+    parser.add_argument("--class", dest="class_index", type=int, default=None, help="sample only this class")
+    parser.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i")
+    parser.add_argument("--solver", choices=("heun", "euler"), default=None)
+    parser.add_argument("--batch", type=int, default=64, help="images per network batch")
+    parser.add_argument("--vae", default=None, help="AutoencoderKL id or local folder to decode latent models")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    args = parser.parse_args(argv)
+    if args.n < 1:
+        parser.error("--n must be >= 1")
+    from .checkpoint import load_checkpoint
+    from .config import SampleConfig
+    from .generate import balanced_labels, generate, save_grid, save_npz, to_uint8
+    from .train.trainer import select_device
+
+    device = select_device(args.device)
+    try:
+        net = load_checkpoint(args.ckpt, device)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
+    sample_cfg, vae = _sample_settings(args.ckpt)
+    overrides = {k: v for k, v in (("num_steps", args.steps), ("cfg_scale", args.cfg_scale), ("solver", args.solver))
+                 if v is not None}
+    try:
+        sample_cfg = SampleConfig(**{**sample_cfg, **overrides})
+        labels = balanced_labels(args.n, net.num_classes, args.class_index)
+    except (ConfigError, ValueError) as err:
+        parser.error(str(err))
+    seeds = list(range(args.seed, args.seed + args.n))
+    images = generate(net, seeds, labels, sample_cfg, batch_size=args.batch, progress=True)
+    vae = args.vae or vae
+    if net.model.cfg.in_channels == 4 and vae:
+        from .data.vae import decode_latents, load_vae
+        images = decode_latents(load_vae(vae, device), images)
+    elif net.model.cfg.in_channels not in (1, 3):
+        print(f"no VAE given for a {net.model.cfg.in_channels}-channel latent model; pass --vae", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    uint8 = to_uint8(images)
+    save_grid(uint8, out / "grid.png", nrow=min(args.n, 8 if labels is None or args.class_index is not None else 10))
+    save_npz(out / "samples.npz", uint8, labels)
+    settings = {"ckpt": str(args.ckpt), "n": args.n, "seed": args.seed, "class": args.class_index, **vars(sample_cfg)}
+    (out / "settings.json").write_text(json.dumps(settings, indent=2))
+    print(f"wrote {out / 'grid.png'} and {out / 'samples.npz'} ({args.n} images)")
+    return 0
+
+
+def _sample_settings(ckpt: str) -> tuple[dict, str | None]:
+    """Sampler settings and VAE stored with a checkpoint (defaults: 18 Heun steps, no guidance)."""
+    settings = {"num_steps": 18, "cfg_scale": 1.0}
+    if Path(ckpt).suffix == ".safetensors":
+        from .checkpoint import read_safetensors
+        _, _, metadata = read_safetensors(ckpt)
+        settings.update(json.loads(metadata.get("sample_config", "{}")))
+        return settings, json.loads(metadata.get("vae", "null"))
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    return {**settings, **state["config"]["sample"]}, state["config"]["data"].get("vae")

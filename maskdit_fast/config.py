@@ -1,0 +1,232 @@
+"""Typed configuration: dataclasses, YAML presets and ``key=value`` command-line overrides.
+
+``load_config("mnist", ["model.mask_ratio=0.25"])`` merges, in order: the defaults below, the
+YAML preset (a name from ``configs/`` or a path), then the overrides. Unknown keys, values of
+the wrong type and values out of range raise :class:`ConfigError` naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+# configs/ of a source checkout (or editable install), else the copy a regular install puts in share/.
+CONFIG_DIR = next((d for d in (Path(__file__).resolve().parent.parent / "configs",
+                               Path(sys.prefix) / "share" / "maskdit_fast" / "configs") if d.is_dir()),
+                  Path(__file__).resolve().parent.parent / "configs")
+DIT_SIZES: dict[str, tuple[int, int, int]] = {  # width, depth, heads (DiT paper)
+    "S": (384, 12, 6),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+    "XL": (1152, 28, 16),
+}
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key and what is allowed."""
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _one_of(value: Any, key: str, allowed: tuple) -> None:
+    _require(value in allowed, key, f"{value!r} is not one of {list(allowed)}")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "maskdit"              # dit | maskdit
+    size: Optional[str] = "XL"         # S | B | L | XL sets the width/depth/heads left unset
+    hidden_size: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    patch_size: int = 2
+    input_size: int = 32               # latent or image side
+    in_channels: int = 4
+    num_classes: int = 1000            # 0 = unconditional
+    class_dropout: float = 0.1         # label dropout for classifier-free guidance
+    mlp_ratio: float = 4.0
+    decoder_hidden_size: int = 512     # MaskDiT decoder
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    mask_ratio: float = 0.5            # fraction of tokens hidden from the encoder in training
+    sigma_data: float = 0.5            # EDM
+    kernels: str = "auto"              # auto | triton | reference
+
+    def __post_init__(self) -> None:
+        _one_of(self.arch, "model.arch", ("dit", "maskdit"))
+        if self.size is not None:
+            _one_of(self.size, "model.size", tuple(DIT_SIZES))
+            width, depth, heads = DIT_SIZES[self.size]
+            self.hidden_size = self.hidden_size or width
+            self.depth = self.depth or depth
+            self.num_heads = self.num_heads or heads
+        for key in ("hidden_size", "depth", "num_heads"):
+            value = getattr(self, key)
+            _require(value is not None and value > 0, f"model.{key}", f"must be a positive integer (or set model.size), got {value}")
+        _require(self.hidden_size % self.num_heads == 0, "model.hidden_size",
+                 f"{self.hidden_size} is not divisible by model.num_heads={self.num_heads}")
+        _require(self.hidden_size % 4 == 0, "model.hidden_size", "must be a multiple of 4 (sin-cos position embedding)")
+        _require(self.patch_size > 0 and self.input_size % self.patch_size == 0, "model.patch_size",
+                 f"{self.patch_size} must be positive and divide model.input_size={self.input_size}")
+        _require(self.in_channels > 0, "model.in_channels", "must be positive")
+        _require(self.num_classes >= 0, "model.num_classes", "must be >= 0 (0 = unconditional)")
+        _require(0.0 <= self.class_dropout < 1.0, "model.class_dropout", f"must be in [0, 1), got {self.class_dropout}")
+        _require(self.mlp_ratio > 0, "model.mlp_ratio", "must be positive")
+        _require(0.0 <= self.mask_ratio < 1.0, "model.mask_ratio", f"must be in [0, 1), got {self.mask_ratio}")
+        _require(self.arch == "maskdit" or self.mask_ratio == 0.0, "model.mask_ratio",
+                 "the plain DiT (model.arch=dit) has no decoder; masking needs model.arch=maskdit")
+        if self.arch == "maskdit":
+            _require(self.decoder_depth > 0, "model.decoder_depth", "must be positive")
+            _require(self.decoder_hidden_size % self.decoder_num_heads == 0 and self.decoder_hidden_size % 4 == 0,
+                     "model.decoder_hidden_size",
+                     f"{self.decoder_hidden_size} must be a multiple of 4 and of decoder_num_heads={self.decoder_num_heads}")
+        _require(self.sigma_data > 0, "model.sigma_data", "must be positive")
+        _one_of(self.kernels, "model.kernels", ("auto", "triton", "reference"))
+
+    @property
+    def num_patches(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "mnist"             # mnist (bundled) | latents (pre-encoded VAE latents)
+    path: Optional[str] = None         # data location for dataset=latents
+    flip: bool = False                 # random horizontal flips
+    vae: Optional[str] = None          # latent data: AutoencoderKL id or local folder used to decode samples
+    latent_scale: float = 0.18215      # latent = scale * VAE posterior sample
+
+    def __post_init__(self) -> None:
+        _one_of(self.dataset, "data.dataset", ("mnist", "latents"))
+        _require(self.latent_scale > 0, "data.latent_scale", "must be positive")
+        _require(self.dataset != "latents" or self.path is not None, "data.path", "dataset=latents needs data.path")
+
+
+@dataclass
+class LossConfig:
+    P_mean: float = -1.2               # ln(sigma) ~ N(P_mean, P_std^2)
+    P_std: float = 1.2
+    mae_coef: float = 0.1              # weight of the MAE loss on masked patches
+
+    def __post_init__(self) -> None:
+        _require(self.P_std > 0, "loss.P_std", "must be positive")
+        _require(self.mae_coef >= 0, "loss.mae_coef", "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 2_000_000
+    global_batch: int = 1024
+    lr: float = 1e-4
+    lr_schedule: str = "constant"      # constant | cosine (to min_lr at max_steps)
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 0.0             # 0 = off
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False           # decay = min(ema_decay, (1+step)/(10+step)) for short runs
+    unmasked_steps: int = 0            # last steps trained with mask_ratio 0 (in-run unmasked fine-tune)
+    precision: str = "auto"            # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    tf32: bool = True
+    device: str = "auto"               # auto | cpu | cuda
+    seed: int = 0
+    log_every: int = 50
+    sample_every: int = 5000           # sample grid PNG (also written at the end)
+    ckpt_every: int = 5000             # training state + EMA safetensors (also written at the end)
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "global_batch", "log_every", "sample_every", "ckpt_every"):
+            _require(getattr(self, key) > 0, f"train.{key}", f"must be positive, got {getattr(self, key)}")
+        _require(self.lr > 0, "train.lr", "must be positive")
+        _one_of(self.lr_schedule, "train.lr_schedule", ("constant", "cosine"))
+        _require(0 <= self.min_lr <= self.lr, "train.min_lr", "must be in [0, train.lr]")
+        _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas", "needs two values in [0, 1)")
+        _require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = off)")
+        _require(0 <= self.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        _require(0 <= self.unmasked_steps <= self.max_steps, "train.unmasked_steps", "must be in [0, train.max_steps]")
+        _one_of(self.precision, "train.precision", ("auto", "bf16", "fp16", "fp32"))
+        _one_of(self.device, "train.device", ("auto", "cpu", "cuda"))
+
+
+@dataclass
+class SampleConfig:
+    num_steps: int = 40                # EDM time steps (Heun uses 2*steps-1 network evaluations)
+    solver: str = "heun"               # heun | euler
+    cfg_scale: float = 1.5             # classifier-free guidance; 1 = off
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    grid_per_class: int = 8            # training-time grid: this many samples of each class shown
+
+    def __post_init__(self) -> None:
+        _require(self.num_steps >= 1, "sample.num_steps", "must be >= 1")
+        _one_of(self.solver, "sample.solver", ("heun", "euler"))
+        _require(self.cfg_scale >= 0, "sample.cfg_scale", "must be >= 0")
+        _require(0 < self.sigma_min < self.sigma_max, "sample.sigma_min", "needs 0 < sigma_min < sigma_max")
+        _require(self.rho > 0, "sample.rho", "must be positive")
+        _require(self.grid_per_class >= 1, "sample.grid_per_class", "must be >= 1")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A preset name (``mnist``) or a YAML path -> an existing file, else a ConfigError listing presets."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    preset = CONFIG_DIR / f"{name_or_path}.yaml"
+    if preset.is_file():
+        return preset
+    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"config {name_or_path!r} is neither a file nor a preset; presets: {known}")
+
+
+def _build(*sources: Any) -> Config:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), *sources)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        message = str(err).splitlines()[0]
+        raise ConfigError(f"{key}: {message}" if key else message) from None
+
+
+def load_config(name_or_path: str | None = "mnist", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML preset or file (None: defaults only) <- ``key=value`` overrides."""
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.max_steps=500)")
+    sources = [] if name_or_path is None else [OmegaConf.load(resolve_config_path(name_or_path))]
+    return _build(*sources, OmegaConf.from_dotlist(list(overrides)))
+
+
+def config_to_dict(cfg: Config | ModelConfig) -> dict:
+    """Plain nested dict of a config (for checkpoints and logs)."""
+    return dataclasses.asdict(cfg)
+
+
+def model_config_from_dict(values: dict) -> ModelConfig:
+    """A validated ModelConfig from a plain dict (e.g. a checkpoint's metadata)."""
+    return _build({"model": values}).model
+
+
+def to_yaml(cfg: Config | ModelConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

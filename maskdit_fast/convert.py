@@ -1,0 +1,179 @@
+"""Import official MaskDiT checkpoints (Anima-Lab/MaskDiT ``torch.save`` dicts) as safetensors.
+
+    python -m maskdit_fast.convert official-maskdit IN.pt OUT.safetensors [--weights ema|model]
+
+The file is read with a restricted unpickler that rebuilds tensors and plain containers only;
+any other pickled object (e.g. the ``argparse.Namespace`` of the training arguments) becomes an
+inert placeholder, so no code from the file runs. The architecture is inferred from the tensor
+shapes; head counts cannot be, so they follow the DiT presets unless given.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import math
+import pickle
+import re
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+from .checkpoint import build_net, save_safetensors
+from .config import DIT_SIZES, ModelConfig
+
+HEADS_BY_WIDTH = {width: heads for width, _, heads in DIT_SIZES.values()} | {512: 16}
+SIZE_BY_WIDTH_DEPTH = {(width, depth): name for name, (width, depth, _) in DIT_SIZES.items()}
+
+
+class _Inert:
+    """Stands in for any pickled object that is not a tensor or a plain container."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, *args, **kwargs) -> "_Inert":  # pickled call chains, e.g. getattr(cls, name)(...)
+        return _Inert()
+
+    def __setstate__(self, state):
+        pass
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    _allowed = {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+        ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+        ("torch", "Size"): torch.Size,
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._allowed:
+            return self._allowed[(module, name)]
+        if module == "torch" and (name.endswith("Storage") or isinstance(getattr(torch, name, None), torch.dtype)):
+            return getattr(torch, name)
+        return _Inert
+
+
+_restricted_pickle = types.SimpleNamespace(Unpickler=_RestrictedUnpickler, load=pickle.load, __name__="pickle")
+
+
+def read_official(path: str | Path) -> dict:
+    """The checkpoint dict (tensors and containers; anything else inert), without running its code."""
+    return torch.load(path, map_location="cpu", pickle_module=_restricted_pickle, weights_only=False)
+
+
+def _count(state: dict, prefix: str) -> int:
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    return len({int(m.group(1)) for k in state if (m := pattern.match(k))})
+
+
+def infer_model_config(state: dict[str, torch.Tensor], num_heads: int | None = None,
+                       decoder_num_heads: int | None = None) -> ModelConfig:
+    """The ModelConfig whose parameters have the shapes found in an official state dict (``model.`` keys)."""
+    try:
+        proj = state["model.x_embedder.proj.weight"]
+        pos = state["model.pos_embed"]
+    except KeyError as err:
+        raise ValueError(f"not an official MaskDiT/DiT state dict: missing {err}") from None
+    width, channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
+    depth = _count(state, "model.blocks")
+    out = state["model.final_layer.linear.weight"].shape[0]
+    if out != patch * patch * channels:
+        raise ValueError(f"final layer has {out} outputs, expected {patch * patch * channels}: "
+                         "learn_sigma models are not supported")
+    heads = num_heads or HEADS_BY_WIDTH.get(width)
+    if heads is None:
+        raise ValueError(f"cannot infer the head count of width {width}; pass --num-heads")
+    table = state.get("model.y_embedder.embedding_table.weight")
+    use_decoder = "model.mask_token" in state
+    decoder_width = state["model.mask_token"].shape[-1] if use_decoder else 512
+    decoder_heads = decoder_num_heads or HEADS_BY_WIDTH.get(decoder_width)
+    if use_decoder and decoder_heads is None:
+        raise ValueError(f"cannot infer the decoder head count of width {decoder_width}; pass --decoder-num-heads")
+    return ModelConfig(
+        arch="maskdit" if use_decoder else "dit", size=SIZE_BY_WIDTH_DEPTH.get((width, depth)),
+        hidden_size=width, depth=depth, num_heads=heads, patch_size=patch,
+        input_size=math.isqrt(pos.shape[1]) * patch, in_channels=channels,
+        num_classes=0 if table is None else table.shape[1],
+        decoder_hidden_size=decoder_width, decoder_depth=_count(state, "model.decoder_blocks") if use_decoder else 8,
+        decoder_num_heads=decoder_heads or 16, mask_ratio=0.0)
+
+
+def official_to_native(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Rename/reshape official tensors to this package's EDMPrecond state dict.
+
+    The class table (D, K) applied to one-hot labels becomes an embedding (K, D); the frozen sin-cos
+    position embeddings are recomputed from the config, and checked against the file.
+    """
+    net = build_net(cfg)
+    native = {}
+    for key, value in state.items():
+        if key in ("model.pos_embed", "model.decoder_pos_embed"):
+            ours = getattr(net.model, key.split(".")[1])
+            if not torch.allclose(value.reshape(ours.shape).float(), ours, atol=1e-5):
+                raise ValueError(f"{key} differs from the sin-cos embedding this package computes")
+            continue
+        if key == "model.y_embedder.embedding_table.weight":
+            native["model.y_embedder.embedding.weight"] = value.t().contiguous()
+            continue
+        native[key] = value
+    expected = set(net.state_dict())
+    if set(native) != expected:
+        missing, extra = sorted(expected - set(native)), sorted(set(native) - expected)
+        raise ValueError(f"tensor names do not match: missing {missing[:5]}, unexpected {extra[:5]}")
+    return {k: v.float() for k, v in native.items()}
+
+
+def native_to_official(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`official_to_native` (used by tests and for exporting back)."""
+    net = build_net(cfg)
+    out = {"model.pos_embed": net.model.pos_embed.unsqueeze(0).clone()}
+    if cfg.arch == "maskdit":
+        out["model.decoder_pos_embed"] = net.model.decoder_pos_embed.unsqueeze(0).clone()
+    for key, value in state.items():
+        if key == "model.y_embedder.embedding.weight":
+            out["model.y_embedder.embedding_table.weight"] = value.t().contiguous()
+        else:
+            out[key] = value
+    return out
+
+
+def convert_official(src: str | Path, dst: str | Path, weights: str = "ema", num_heads: int | None = None,
+                     decoder_num_heads: int | None = None) -> ModelConfig:
+    """Convert an official checkpoint file to this package's safetensors; returns its model config."""
+    ckpt = read_official(src)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{src} does not hold a checkpoint dict")
+    state = ckpt.get(weights)
+    if not isinstance(state, dict):
+        raise ValueError(f"{src} has no {weights!r} weights; it holds {sorted(k for k in ckpt if isinstance(k, str))}")
+    cfg = infer_model_config(state, num_heads, decoder_num_heads)
+    save_safetensors(dst, official_to_native(state, cfg), cfg, {"source": str(Path(src).name), "weights": weights})
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m maskdit_fast.convert", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    official = sub.add_parser("official-maskdit", help="official MaskDiT .pt -> safetensors")
+    official.add_argument("src")
+    official.add_argument("dst")
+    official.add_argument("--weights", choices=("ema", "model"), default="ema")
+    official.add_argument("--num-heads", type=int, default=None)
+    official.add_argument("--decoder-num-heads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if not Path(args.src).is_file():
+        parser.error(f"{args.src}: no such file")
+    try:
+        cfg = convert_official(args.src, args.dst, args.weights, args.num_heads, args.decoder_num_heads)
+    except ValueError as err:
+        parser.error(str(err))
+    print(f"wrote {args.dst}: {cfg.arch} width {cfg.hidden_size} depth {cfg.depth} patch {cfg.patch_size} "
+          f"input {cfg.in_channels}x{cfg.input_size}x{cfg.input_size}, {cfg.num_classes} classes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

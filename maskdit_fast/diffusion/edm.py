@@ -1,0 +1,69 @@
+"""EDM preconditioning (Karras et al. 2022) around a raw DiT/MaskDiT network."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..models import DiT
+
+
+class EDMPrecond(nn.Module):
+    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise), with classifier-free guidance.
+
+    The raw network is ``self.model`` so that parameter names carry the official ``model.`` prefix.
+    """
+
+    def __init__(self, model: DiT, sigma_data: float = 0.5):
+        super().__init__()
+        self.model = model
+        self.sigma_data = sigma_data
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.cfg.num_classes
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor | float,
+        class_labels: torch.Tensor | None = None,
+        cfg_scale: float | None = None,
+        ids_keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Denoised x.
+
+        x: (N, C, H, W); sigma: scalar, (N,) or (N, 1, 1, 1); class_labels: (N,) int64 class indices
+        (``num_classes`` = no class) or None; cfg_scale: guidance scale (None or 1 = off);
+        ids_keep: (N, K) kept tokens for masked training -> (N, C, H, W) float32.
+        """
+        x = x.float()
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
+        sigma = sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
+        if sigma.shape[0] != x.shape[0]:
+            raise ValueError(f"sigma has {sigma.shape[0]} values for a batch of {x.shape[0]}")
+        if class_labels is not None:
+            if self.num_classes == 0:
+                raise ValueError("this model is unconditional (num_classes=0); pass class_labels=None")
+            class_labels = class_labels.to(device=x.device, dtype=torch.long).reshape(-1)
+            if class_labels.shape[0] != x.shape[0]:
+                raise ValueError(f"{class_labels.shape[0]} class labels for a batch of {x.shape[0]}")
+            if class_labels.min() < 0 or class_labels.max() > self.num_classes:
+                raise ValueError(f"class labels must be in [0, {self.num_classes}] ({self.num_classes} = no class)")
+        s = sigma.view(-1, 1, 1, 1)
+        sd2 = self.sigma_data**2
+        c_skip = sd2 / (s**2 + sd2)
+        c_out = s * self.sigma_data / (s**2 + sd2).sqrt()
+        c_in = 1 / (s**2 + sd2).sqrt()
+        c_noise = sigma.log() / 4
+        guided = cfg_scale is not None and cfg_scale != 1.0 and self.num_classes > 0
+        if guided:
+            if ids_keep is not None:
+                raise ValueError("guidance is for sampling; it cannot be combined with masking")
+            null = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+            cond = class_labels if class_labels is not None else null
+            out = self.model(torch.cat([c_in * x] * 2), torch.cat([c_noise] * 2), torch.cat([cond, null]))
+            out_cond, out_uncond = out.float().chunk(2)
+            out = out_uncond + cfg_scale * (out_cond - out_uncond)
+        else:
+            out = self.model(c_in * x, c_noise, class_labels, ids_keep).float()
+        return c_skip * x + c_out * out

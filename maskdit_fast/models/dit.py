@@ -1,0 +1,84 @@
+"""The DiT baseline (Peebles & Xie): adaLN-Zero transformer on patch tokens.
+
+``DiT.forward(x, noise_labels, class_labels)`` returns the raw network output F; EDM
+preconditioning lives in :mod:`maskdit_fast.diffusion.edm`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..config import ModelConfig
+from .layers import DiTBlock, LabelEmbedder, ModulatedLinear, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, unpatchify
+
+class DiT(nn.Module):
+    """DiT on (N, C, H, W) inputs, class-conditional (num_classes > 0) or unconditional."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_size
+        self.in_channels = cfg.in_channels
+        self.patch_size = cfg.patch_size
+        self.num_patches = (cfg.input_size // cfg.patch_size) ** 2
+        self.x_embedder = PatchEmbed(cfg.in_channels, d, cfg.patch_size)
+        self.t_embedder = TimestepEmbedder(d)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, d, cfg.class_dropout) if cfg.num_classes > 0 else None
+        # Frozen, derived from the config: a buffer that is not saved.
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(d, cfg.input_size // cfg.patch_size), persistent=False)
+        self.blocks = nn.ModuleList(DiTBlock(d, cfg.num_heads, d, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.final_layer = ModulatedLinear(self._build_head(), cfg.patch_size**2 * cfg.in_channels, d)
+        self.initialize_weights()
+
+    def _build_head(self) -> int:
+        """Builds what sits between the encoder and the final layer; returns the final layer's width."""
+        return self.cfg.hidden_size
+
+    def initialize_weights(self) -> None:
+        """DiT initialisation: xavier linears, N(0, 0.02) embeddings, zeroed adaLN and output layers."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        proj = self.x_embedder.proj
+        nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+        nn.init.zeros_(proj.bias)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for module in self.modules():
+            if isinstance(module, (DiTBlock, ModulatedLinear)):
+                nn.init.zeros_(module.adaLN_modulation[-1].weight)
+                nn.init.zeros_(module.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def condition(self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        """noise_labels: (N,) float; class_labels: (N,) int64 (``num_classes`` = none) or None -> c: (N, D)."""
+        c = self.t_embedder(noise_labels)
+        if self.y_embedder is not None:
+            if class_labels is None:
+                class_labels = torch.full_like(noise_labels, self.cfg.num_classes, dtype=torch.long)
+            c = c + self.y_embedder(class_labels)
+        return c
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        noise_labels: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        ids_keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: (N, C, H, W); noise_labels: (N,); class_labels: (N,) int64 or None -> F: (N, C, H, W).
+
+        ``ids_keep`` (masked training) is only meaningful for MaskDiT.
+        """
+        if ids_keep is not None:
+            raise ValueError("the plain DiT has no decoder and cannot train with masking; "
+                             "use model.arch=maskdit or model.mask_ratio=0")
+        c = self.condition(noise_labels, class_labels)
+        tokens = self.x_embedder(x) + self.pos_embed.to(x.dtype)
+        for block in self.blocks:
+            tokens = block(tokens, c)
+        return unpatchify(self.final_layer(tokens, c), self.patch_size, self.in_channels)

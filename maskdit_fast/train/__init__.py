@@ -1,0 +1,1 @@
+"""Training: the loop, EMA, and atomic training-state checkpoints."""

@@ -1,0 +1,37 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="maskdit_fast",
+    version="0.1.0",
+    description="Fast training of diffusion transformers: MaskDiT and a DiT baseline with EDM, Triton kernels",
+    long_description=Path(__file__).with_name("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["maskdit_fast", "maskdit_fast.*", "kernels", "kernels.*"]),
+    package_data={"maskdit_fast.data": ["mnist10k.npz", "README.md"]},
+    data_files=[("share/maskdit_fast/configs", [str(p) for p in sorted(Path("configs").glob("*.yaml"))])],
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "omegaconf>=2.3",
+        "safetensors>=0.4",
+        "tqdm",
+        "pillow",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-benchmark>=4", "scipy", "triton>=3.0; platform_system == 'Linux'"],
+        "triton": ["triton>=3.0"],
+        "vae": ["diffusers>=0.25", "transformers", "accelerate"],
+        "dali": ["nvidia-dali-cuda120"],
+        "flash": ["flash-attn>=2.5"],
+        "xformers": ["xformers"],
+        "eval": ["scipy", "diffusers>=0.25"],
+        "bench": ["pytest-benchmark>=4", "matplotlib"],
+    },
+    entry_points={"console_scripts": [
+        "maskdit-train=maskdit_fast.cli:train_main",
+        "maskdit-sample=maskdit_fast.cli:sample_main",
+    ]},
+)

@@ -1,0 +1,23 @@
+"""Tiny configs shared by the tests: models that run in well under a second on a CPU."""
+from __future__ import annotations
+
+from maskdit_fast.config import Config, ModelConfig, load_config
+
+TINY_MODEL = [
+    "model.size=null", "model.hidden_size=32", "model.depth=2", "model.num_heads=2",
+    "model.decoder_hidden_size=24", "model.decoder_depth=1", "model.decoder_num_heads=2",
+]
+
+
+def tiny_config(*overrides: str) -> Config:
+    """The MNIST preset shrunk to a 2-block model and a few steps."""
+    base = [*TINY_MODEL, "train.global_batch=8", "train.max_steps=6", "train.unmasked_steps=0",
+            "train.warmup_steps=0", "train.log_every=2", "train.sample_every=1000", "train.ckpt_every=1000",
+            "sample.num_steps=2", "sample.grid_per_class=1"]
+    return load_config("mnist", [*base, *overrides])
+
+
+def tiny_model_config(**changes) -> ModelConfig:
+    cfg = tiny_config().model
+    values = {**cfg.__dict__, **changes}
+    return ModelConfig(**values)

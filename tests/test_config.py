@@ -1,0 +1,63 @@
+import pytest
+
+from maskdit_fast.config import CONFIG_DIR, ConfigError, load_config
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+def test_every_preset_loads(name):
+    cfg = load_config(name)
+    assert cfg.model.hidden_size % cfg.model.num_heads == 0
+
+
+def test_required_presets_exist_with_paper_values():
+    names = {p.stem for p in CONFIG_DIR.glob("*.yaml")}
+    assert {"mnist", "imagenet256-pretrain", "imagenet256-finetune", "imagenet512-pretrain"} <= names
+    pre = load_config("imagenet256-pretrain")
+    assert (pre.model.hidden_size, pre.model.depth, pre.model.patch_size) == (1152, 28, 2)
+    assert (pre.model.mask_ratio, pre.loss.mae_coef, pre.model.decoder_depth, pre.model.decoder_hidden_size) == (0.5, 0.1, 8, 512)
+    assert pre.train.global_batch == 1024 and pre.train.lr == 1e-4 and pre.train.ema_decay == 0.9999
+    fine = load_config("imagenet256-finetune")
+    assert fine.model.mask_ratio == 0 and fine.train.precision == "fp32"
+    assert load_config("imagenet512-pretrain").model.input_size == 64
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = load_config("mnist", ["model.mask_ratio=0.25", "train.max_steps=500", "train.unmasked_steps=0"])
+    assert cfg.model.mask_ratio == 0.25 and cfg.train.max_steps == 500 and isinstance(cfg.train.max_steps, int)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("model.nonsense=1", "model.nonsense"),
+    ("trian.max_steps=3", "trian"),
+    ("train.max_steps=abc", "train.max_steps"),
+    ("model.mask_ratio=1.0", "model.mask_ratio"),
+    ("model.mask_ratio=-0.5", "model.mask_ratio"),
+    ("model.arch=unet", "model.arch"),
+    ("model.num_heads=5", "model.hidden_size"),
+    ("train.precision=fp8", "train.precision"),
+    ("sample.solver=rk45", "sample.solver"),
+    ("train.global_batch=0", "train.global_batch"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("mnist", [override])
+
+
+def test_plain_dit_cannot_mask():
+    with pytest.raises(ConfigError, match="model.mask_ratio"):
+        load_config("mnist", ["model.arch=dit"])
+    assert load_config("mnist", ["model.arch=dit", "model.mask_ratio=0"]).model.arch == "dit"
+
+
+def test_malformed_override_and_missing_file():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config("mnist", ["train.max_steps"])
+    with pytest.raises(ConfigError, match="presets"):
+        load_config("no-such-config")
+
+
+def test_unknown_key_in_a_yaml_file_is_an_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  hiden_size: 64\n")
+    with pytest.raises(ConfigError, match="model.hiden_size"):
+        load_config(str(path))
