@@ -60,7 +60,7 @@ def sample_main(argv: list[str] | None = None) -> int:
         parser.error("--n must be >= 1")
     from .checkpoint import load_checkpoint
     from .config import SampleConfig
-    from .generate import balanced_labels, generate, save_grid, save_npz, to_uint8
+    from .generate import generate, save_grid, save_npz, seed_labels, to_uint8
     from .train.trainer import select_device
 
     device = select_device(args.device)
@@ -73,10 +73,10 @@ def sample_main(argv: list[str] | None = None) -> int:
                  if v is not None}
     try:
         sample_cfg = SampleConfig(**{**sample_cfg, **overrides})
-        labels = balanced_labels(args.n, net.num_classes, args.class_index)
+        seeds = list(range(args.seed, args.seed + args.n))
+        labels = seed_labels(seeds, net.num_classes, args.class_index)
     except (ConfigError, ValueError) as err:
         parser.error(str(err))
-    seeds = list(range(args.seed, args.seed + args.n))
     images = generate(net, seeds, labels, sample_cfg, batch_size=args.batch, progress=True)
     vae = args.vae or vae
     if net.model.cfg.in_channels == 4 and vae:

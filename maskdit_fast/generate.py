@@ -21,8 +21,9 @@ def seeded_noise(seeds: list[int], shape: tuple[int, ...], device: torch.device 
     return torch.stack(noise).to(device)
 
 
-def balanced_labels(n: int, num_classes: int, class_index: int | None = None) -> torch.Tensor | None:
-    """(n,) class labels: all ``class_index``, else 0, 1, 2, ... cycling; None for unconditional models."""
+def seed_labels(seeds: list[int], num_classes: int, class_index: int | None = None) -> torch.Tensor | None:
+    """Class of each seed's image: ``class_index`` for all, else ``seed % num_classes`` (so consecutive
+    seeds are class-balanced and an image depends on its seed only); None for unconditional models."""
     if num_classes == 0:
         if class_index is not None:
             raise ValueError("this model is unconditional (num_classes=0); it takes no class")
@@ -30,8 +31,8 @@ def balanced_labels(n: int, num_classes: int, class_index: int | None = None) ->
     if class_index is not None:
         if not 0 <= class_index < num_classes:
             raise ValueError(f"class {class_index} is out of range: the model has classes 0..{num_classes - 1}")
-        return torch.full((n,), class_index, dtype=torch.long)
-    return torch.arange(n, dtype=torch.long) % num_classes
+        return torch.full((len(seeds),), class_index, dtype=torch.long)
+    return torch.tensor(seeds, dtype=torch.long) % num_classes
 
 
 @torch.no_grad()

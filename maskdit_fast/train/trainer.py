@@ -24,7 +24,7 @@ from ..checkpoint import build_net, load_checkpoint, save_safetensors
 from ..config import Config, config_to_dict
 from ..data import EpochBatches, load_mnist
 from ..diffusion.loss import edm_loss
-from ..generate import balanced_labels, generate, save_grid, to_uint8
+from ..generate import generate, save_grid, to_uint8
 from .ema import EMA
 from .state import latest_training_state, load_training_state, rng_state, save_training_state, set_rng_state
 
