@@ -60,7 +60,8 @@ def sample_main(argv: list[str] | None = None) -> int:
         parser.error("--n must be >= 1")
     from .checkpoint import load_checkpoint
     from .config import SampleConfig
-    from .generate import generate, save_grid, save_npz, seed_labels, to_uint8
+    from .eval.images import to_uint8_nhwc
+    from .generate import generate, save_grid, save_npz, seed_labels
     from .train.trainer import select_device
 
     device = select_device(args.device)
@@ -86,7 +87,7 @@ def sample_main(argv: list[str] | None = None) -> int:
         print(f"no VAE given for a {net.model.cfg.in_channels}-channel latent model; pass --vae", file=sys.stderr)
         return 2
     out = Path(args.out)
-    uint8 = to_uint8(images)
+    uint8 = to_uint8_nhwc(images)
     save_grid(uint8, out / "grid.png", nrow=min(args.n, 8 if labels is None or args.class_index is not None else 10))
     save_npz(out / "samples.npz", uint8, labels)
     settings = {"ckpt": str(args.ckpt), "n": args.n, "seed": args.seed, "class": args.class_index, **vars(sample_cfg)}

@@ -62,12 +62,6 @@ def generate(
     return torch.cat(out)
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) float in [-1, 1] -> (N, H, W, C) uint8."""
-    x = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
-
-
 def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, pad: int = 2) -> None:
     """Write (N, H, W, C) uint8 images as one PNG grid with ``nrow`` images per row."""
     n, h, w, c = images.shape

@@ -24,7 +24,8 @@ from ..checkpoint import build_net, load_checkpoint, save_safetensors
 from ..config import Config, config_to_dict
 from ..data import EpochBatches, load_mnist
 from ..diffusion.loss import edm_loss
-from ..generate import generate, save_grid, to_uint8
+from ..eval.images import to_uint8_nhwc
+from ..generate import generate, save_grid
 from .ema import EMA
 from .state import latest_training_state, load_training_state, rng_state, save_training_state, set_rng_state
 
@@ -90,7 +91,7 @@ def write_sample_grid(cfg: Config, ema_net, path: Path) -> None:
     if cfg.data.vae:
         from ..data.vae import decode_latents, load_vae
         images = decode_latents(load_vae(cfg.data.vae, next(ema_net.parameters()).device), images, cfg.data.latent_scale)
-    save_grid(to_uint8(images), path, nrow=per_row)
+    save_grid(to_uint8_nhwc(images), path, nrow=per_row)
 
 
 def _initialise_from(path: str, net, ema: EMA) -> None:
