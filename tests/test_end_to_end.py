@@ -1,4 +1,6 @@
 """train.py -> sample.py through the real command lines."""
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,14 +14,18 @@ TINY = ["model.size=null", "model.hidden_size=32", "model.depth=1", "model.num_h
         "train.unmasked_steps=1", "train.warmup_steps=0", "sample.num_steps=2", "sample.grid_per_class=1"]
 
 
-def run(script, *args):
-    result = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=ROOT)
-    return result
+def run(script, *args, env=None):
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=ROOT,
+                          env=env)
 
 
-def test_train_then_sample(tmp_path):
-    trained = run("train.py", "--out", str(tmp_path / "run"), "--no-progress", *TINY)
+def test_train_then_sample(tmp_path, mnist_classifier, mnist_cache):
+    env = {**os.environ, "MASKDIT_CACHE": str(mnist_cache)}
+    trained = run("train.py", "--out", str(tmp_path / "run"), "--no-progress", "--eval-samples", "20", *TINY, env=env)
     assert trained.returncode == 0, trained.stderr
+    quality = json.loads((tmp_path / "run" / "mnist_quality.json").read_text())
+    assert quality["n"] == 20 and 0 <= quality["accuracy"] <= 1 and quality["frechet"] > 0
+    assert "classifier accuracy" in trained.stdout
     ckpt = tmp_path / "run" / "ema.safetensors"
     assert ckpt.is_file() and (tmp_path / "run" / "samples" / "step-0000003.png").is_file()
 

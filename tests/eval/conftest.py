@@ -1,14 +1,11 @@
-"""Fixtures of tests/eval: the MNIST classifier (trained once per session in a temporary cache)
-and a tiny randomly initialised feature extractor that stands in for Inception-v3."""
-
-from pathlib import Path
+"""Fixtures of tests/eval: a tiny randomly initialised feature extractor that stands in for Inception-v3
+(the MNIST classifier fixtures live in tests/conftest.py)."""
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from maskdit_fast.eval.mnist_classifier import MnistClassifier, get_mnist_classifier
 
 
 class TinyExtractor(nn.Module):
@@ -38,14 +35,3 @@ class TinyExtractor(nn.Module):
 @pytest.fixture
 def tiny_extractor() -> TinyExtractor:
     return TinyExtractor()
-
-
-@pytest.fixture(scope="session")
-def mnist_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("maskdit_cache")
-
-
-@pytest.fixture(scope="session")
-def mnist_classifier(mnist_cache: Path) -> MnistClassifier:
-    """Trained once per test session (the slow part of tests/eval), then cached in `mnist_cache`."""
-    return get_mnist_classifier(mnist_cache, progress=False)
