@@ -1,0 +1,135 @@
+"""The report CLI in its tiny CPU mode: structure of the JSON, the markdown and the charts, and
+every ratio taken from rows of the same run."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+ROW_FIELDS = {"id", "model", "batch", "variant", "arch", "mask_ratio", "kernels", "attention", "compile",
+              "precision", "status", "images_per_s", "peak_allocated_gib", "peak_reserved_gib", "baseline",
+              "speedup_vs_baseline"}
+TRAIN_FIELDS = ROW_FIELDS | {"step_ms", "step_ms_all", "fwd_flops_per_image", "fwd_macs_per_image",
+                             "train_flops_per_image", "achieved_tflops", "mfu", "memory_vs_baseline"}
+SAMPLE_FIELDS = ROW_FIELDS | {"cfg_scale", "num_steps", "nfe", "run_s", "run_s_all"}
+# The tiny mode's training variants: every code path (kernels, attention, compile, bf16, masks).
+TINY_VARIANTS = ["dit", "dit+kernels", "dit+reference", "dit+kernels+compile", "dit+bf16", "mask50",
+                 "mask50+kernels", "mask25", "mask75+kernels", "mask50+kernels+compile"]
+
+
+def close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One run of ``python -m benchmarks.report --tiny`` (about half a minute on 2 busy cores)."""
+    out = tmp_path_factory.mktemp("bench")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.report", "--tiny", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, proc
+
+
+@pytest.fixture(scope="module")
+def report(tiny_report) -> dict:
+    return json.loads((tiny_report[0] / "report.json").read_text())
+
+
+def test_header_names_the_machine_software_commit_and_command(report):
+    assert report["schema"] == "maskdit_fast-benchmarks/1"
+    assert re.fullmatch(r"[0-9a-f]{32}", report["run_id"])
+    assert report["command"].startswith("python -m benchmarks.report --tiny")
+    assert report["device"]["type"] == "cpu" and report["device"]["name"]
+    assert report["versions"]["torch"] and report["versions"]["triton"]
+    assert set(report["git"]) == {"commit", "dirty"}
+    if (ROOT / ".git").exists():
+        assert re.fullmatch(r"[0-9a-f]{40}", report["git"]["commit"])
+    assert report["settings"]["tiny"] is True and report["baseline"] == "dit"
+    assert set(report["matmul_peak_tflops"]) == {"bf16", "fp32"}
+    assert all(peak > 0 for peak in report["matmul_peak_tflops"].values())
+
+
+def test_every_training_variant_is_measured(report):
+    rows = report["train"]
+    assert [row["variant"] for row in rows] == TINY_VARIANTS
+    for row in rows:
+        assert set(row) == TRAIN_FIELDS, row["id"]
+        assert row["status"] == "ok", row["status"]
+        assert len(row["step_ms_all"]) == report["settings"]["steps"]
+        assert close(row["step_ms"], statistics.median(row["step_ms_all"]))
+        assert close(row["images_per_s"], row["batch"] / row["step_ms"] * 1e3)
+        assert close(row["achieved_tflops"], row["train_flops_per_image"] * row["images_per_s"] / 1e12)
+        assert close(row["mfu"], row["achieved_tflops"] / report["matmul_peak_tflops"][row["precision"]])
+        assert row["peak_allocated_gib"] >= 0 and row["peak_reserved_gib"] > 0
+    by_variant = {row["variant"]: row for row in rows}
+    assert (by_variant["dit+kernels"]["kernels"], by_variant["dit"]["kernels"]) == (True, False)
+    assert by_variant["dit+reference"]["attention"] == "reference"
+    assert by_variant["dit+bf16"]["precision"] == "bf16" and by_variant["dit"]["precision"] == "fp32"
+    assert by_variant["mask50+kernels+compile"]["compile"] is True
+
+
+def test_flops_are_consistent(report):
+    rows = {row["variant"]: row for row in report["train"]}
+    for row in rows.values():
+        assert close(row["fwd_macs_per_image"], row["fwd_flops_per_image"] / 2)
+        assert 2.9 < row["train_flops_per_image"] / row["fwd_flops_per_image"] < 3.1  # backward = 2x forward
+    dit, m25, m50, m75 = (rows[v]["fwd_flops_per_image"] for v in ("dit", "mask25", "mask50", "mask75+kernels"))
+    assert dit > m25 > m50 > m75 > 0
+    assert rows["dit+kernels"]["fwd_flops_per_image"] == dit  # kernels change no model FLOP
+
+
+def test_every_ratio_divides_by_a_row_of_the_same_run(report):
+    for kind in ("train", "sample"):
+        by_id = {row["id"]: row for row in report[kind]}
+        assert len(by_id) == len(report[kind])
+        for row in report[kind]:
+            base = by_id[row["baseline"]]  # the baseline is a row of this report, hence of this run
+            assert (base["variant"], base["model"], base["batch"]) == ("dit", row["model"], row["batch"])
+            assert close(row["speedup_vs_baseline"], row["images_per_s"] / base["images_per_s"])
+            if kind == "train":
+                assert close(row["memory_vs_baseline"], row["peak_allocated_gib"] / base["peak_allocated_gib"])
+            else:
+                assert base["cfg_scale"] == 1.0
+            if row["id"] == base["id"]:
+                assert row["speedup_vs_baseline"] == 1.0
+
+
+def test_sampling_rows_cover_guidance(report):
+    rows = report["sample"]
+    assert {(row["variant"], row["cfg_scale"]) for row in rows} == {
+        (v, c) for v in ("dit", "maskdit+kernels") for c in (1.0, 1.5)}
+    for row in rows:
+        assert set(row) == SAMPLE_FIELDS and row["status"] == "ok"
+        assert row["nfe"] == 2 * row["num_steps"] - 1
+        assert close(row["images_per_s"], row["batch"] / row["run_s"])
+
+
+def test_markdown_shows_every_row_with_its_ratios(tiny_report, report):
+    out, proc = tiny_report
+    text = (out / "report.md").read_text()
+    assert proc.stdout.strip() == text.strip()
+    assert report["command"] in text and report["git"]["commit"][:12] in text
+    lines = text.splitlines()
+    for row in report["train"]:
+        line = next(line for line in lines if line.startswith(f"| `{row['variant']}` |"))
+        assert f"{row['speedup_vs_baseline']:.2f}×" in line and f"{row['memory_vs_baseline']:.2f}×" in line
+        assert f"{row['mfu']:.1%}" in line
+    for row in report["sample"]:
+        assert any(f"`{row['variant']}`" in line and f"{row['speedup_vs_baseline']:.2f}×" in line for line in lines)
+
+
+def test_charts_are_written(tiny_report):
+    out, _ = tiny_report
+    for name in ("throughput.png", "memory.png", "sampling.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000, name
