@@ -35,7 +35,8 @@ class DiT(nn.Module):
         return self.cfg.hidden_size
 
     def initialize_weights(self) -> None:
-        """DiT initialisation: xavier linears, N(0, 0.02) embeddings, zeroed adaLN and output layers."""
+        """DiT initialisation: xavier linears, N(0, 0.02) timestep MLP, N(0, class_embed_init_std) class
+        table, zeroed adaLN and output layers."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -44,7 +45,7 @@ class DiT(nn.Module):
         nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
         nn.init.zeros_(proj.bias)
         if self.y_embedder is not None:
-            nn.init.normal_(self.y_embedder.embedding.weight, std=0.02)
+            nn.init.normal_(self.y_embedder.embedding.weight, std=self.cfg.class_embed_init_std)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for module in self.modules():
