@@ -27,7 +27,7 @@ setup(
         "dali": ["nvidia-dali-cuda120"],
         "flash": ["flash-attn>=2.5"],
         "xformers": ["xformers"],
-        "eval": ["scipy", "diffusers>=0.25"],
+        "eval": ["scipy", "torch-fidelity>=0.3", "torchvision"],
         "bench": ["pytest-benchmark>=4", "matplotlib"],
     },
     entry_points={"console_scripts": [

@@ -2,11 +2,17 @@
 
 ``load_checkpoint(path)`` returns an :class:`EDMPrecond` in eval mode, ready for
 ``net(x, sigma, class_labels=None, cfg_scale=None)``. It also reads a training state
-(``checkpoints/step-*.pt``), taking its EMA weights.
+(``checkpoints/step-*/``, sharded, or an earlier version's ``step-*.pt``), taking its EMA weights.
+
+Export a training state (or a run's newest one) to the single file ``sample.py`` reads::
+
+    python -m maskdit_fast.checkpoint export runs/in256 runs/in256/ema-step-100000.safetensors
 """
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -16,7 +22,7 @@ from safetensors.torch import save_file
 from .config import ModelConfig, config_to_dict, model_config_from_dict
 from .diffusion.edm import EDMPrecond
 from .models import build_model
-from .train.state import atomic_write, load_training_state
+from .train.state import atomic_write, latest_training_state, load_training_state
 
 FORMAT = "maskdit_fast/edm-precond-v1"
 
@@ -34,6 +40,30 @@ def save_safetensors(path: str | Path, state: dict[str, torch.Tensor], cfg: Mode
     atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
+def ema_metadata(config: dict, step: int) -> dict:
+    """Extra safetensors metadata of an EMA export: step, VAE and sampler settings of the run
+    (``config``: the run's config as a plain dict)."""
+    return {"step": step, "vae": config["data"]["vae"], "latent_scale": config["data"]["latent_scale"],
+            "sample_config": config["sample"]}
+
+
+def export_ema(state_path: str | Path, out: str | Path) -> Path:
+    """Write the EMA weights of a training state (a ``checkpoints/step-*`` entry, or a run directory
+    for its newest one) as a safetensors file; returns the state exported. One process; sharded
+    states are gathered."""
+    state_path = Path(state_path)
+    if (state_path / "checkpoints").is_dir():
+        run_dir, state_path = state_path, latest_training_state(state_path)
+        if state_path is None:
+            raise FileNotFoundError(f"{run_dir} holds no checkpoint yet")
+    if not state_path.exists():
+        raise FileNotFoundError(f"training state {state_path} does not exist")
+    state = load_training_state(state_path, parts=("ema",))
+    config = state["config"]
+    save_safetensors(out, state["ema"], model_config_from_dict(config["model"]), ema_metadata(config, state["step"]))
+    return state_path
+
+
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig, dict[str, str]]:
     """(state dict, model config, raw metadata) of a file written by :func:`save_safetensors`."""
     with safe_open(str(path), framework="pt") as f:
@@ -49,13 +79,45 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelCo
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> EDMPrecond:
     """The EMA network of a safetensors checkpoint or training state, in eval mode on ``device``."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
         state, cfg, _ = read_safetensors(path)
     else:
-        training = load_training_state(path)
+        training = load_training_state(path, parts=("ema",))
         state, cfg = training["ema"], model_config_from_dict(training["config"]["model"])
     net = build_net(cfg)
     net.load_state_dict(state)
     return net.to(device).eval().requires_grad_(False)
+
+
+def sample_settings(path: str | Path) -> tuple[dict, str | None]:
+    """Sampler settings and VAE stored with a checkpoint (defaults: 18 Heun steps, no guidance)."""
+    settings = {"num_steps": 18, "cfg_scale": 1.0}
+    if Path(path).suffix == ".safetensors":
+        _, _, metadata = read_safetensors(path)
+        settings.update(json.loads(metadata.get("sample_config", "{}")))
+        return settings, json.loads(metadata.get("vae", "null"))
+    config = load_training_state(path, parts=())["config"]
+    return {**settings, **config["sample"]}, config["data"].get("vae")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m maskdit_fast.checkpoint",
+                                     description="Checkpoint tools. export: a training state's EMA weights + config "
+                                                 "as the single safetensors file that sample.py and load_checkpoint read.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("export", help="training state (or run directory: its newest) -> EMA safetensors")
+    export.add_argument("state", help="checkpoints/step-XXXXXXX of a run, or the run directory")
+    export.add_argument("out", help="output .safetensors path")
+    args = parser.parse_args(argv)
+    try:
+        exported = export_ema(args.state, args.out)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
+    print(f"wrote {args.out} (EMA weights of {exported})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -69,8 +69,11 @@ def mnist_quality(ckpt: Path, cfg, n: int) -> dict:
 
 
 def sample_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Sample a trained checkpoint: a PNG grid and an ADM-layout .npz.")
-    parser.add_argument("--ckpt", required=True, help="EMA .safetensors (or a training state .pt)")
+    parser = argparse.ArgumentParser(
+        description="Sample a trained checkpoint: a PNG grid and an ADM-layout .npz.",
+        epilog="Under torchrun (torchrun --nproc_per_node N sample.py ...) each process samples a contiguous share "
+               "of the seeds on its own GPU and rank 0 writes the outputs; images do not depend on N.")
+    parser.add_argument("--ckpt", required=True, help="EMA .safetensors (or a training state checkpoints/step-*)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--n", type=int, default=64, help="number of images (default 64)")
     parser.add_argument("--steps", type=int, default=None, help="EDM time steps (default: the checkpoint's config, else 18)")
@@ -78,57 +81,69 @@ def sample_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--class", dest="class_index", type=int, default=None, help="sample only this class")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i")
     parser.add_argument("--solver", choices=("heun", "euler"), default=None)
-    parser.add_argument("--batch", type=int, default=64, help="images per network batch")
+    parser.add_argument("--batch", type=int, default=64, help="images per network batch (per process)")
     parser.add_argument("--vae", default=None, help="AutoencoderKL id or local folder to decode latent models")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = parser.parse_args(argv)
     if args.n < 1:
         parser.error("--n must be >= 1")
-    from .checkpoint import load_checkpoint
+    import numpy as np
+    import torch.distributed as dist
+
+    from .checkpoint import load_checkpoint, sample_settings
     from .config import SampleConfig
     from .eval.images import to_uint8_nhwc
     from .generate import generate, save_grid, save_npz, seed_labels
-    from .train.trainer import select_device
+    from .train.dist import env_ranks, init_distributed, select_device
 
-    device = select_device(args.device)
+    created = False
+    if env_ranks()[1] > 1 or dist.is_initialized():
+        env, created = init_distributed(args.device)
+        rank, world, device = env.rank, env.world_size, env.device
+    else:
+        rank, world, device = 0, 1, select_device(args.device)
     try:
-        net = load_checkpoint(args.ckpt, device)
-    except (FileNotFoundError, ValueError) as err:
-        parser.error(str(err))
-    sample_cfg, vae = _sample_settings(args.ckpt)
-    overrides = {k: v for k, v in (("num_steps", args.steps), ("cfg_scale", args.cfg_scale), ("solver", args.solver))
-                 if v is not None}
-    try:
-        sample_cfg = SampleConfig(**{**sample_cfg, **overrides})
-        seeds = list(range(args.seed, args.seed + args.n))
-        labels = seed_labels(seeds, net.num_classes, args.class_index)
-    except (ConfigError, ValueError) as err:
-        parser.error(str(err))
-    images = generate(net, seeds, labels, sample_cfg, batch_size=args.batch, progress=True)
-    vae = args.vae or vae
-    if net.model.cfg.in_channels == 4 and vae:
-        from .data.vae import decode_latents, load_vae
-        images = decode_latents(load_vae(vae, device), images)
-    elif net.model.cfg.in_channels not in (1, 3):
-        print(f"no VAE given for a {net.model.cfg.in_channels}-channel latent model; pass --vae", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    uint8 = to_uint8_nhwc(images)
-    save_grid(uint8, out / "grid.png", nrow=min(args.n, 8 if labels is None or args.class_index is not None else 10))
-    save_npz(out / "samples.npz", uint8, labels)
-    settings = {"ckpt": str(args.ckpt), "n": args.n, "seed": args.seed, "class": args.class_index, **vars(sample_cfg)}
-    (out / "settings.json").write_text(json.dumps(settings, indent=2))
-    print(f"wrote {out / 'grid.png'} and {out / 'samples.npz'} ({args.n} images)")
-    return 0
-
-
-def _sample_settings(ckpt: str) -> tuple[dict, str | None]:
-    """Sampler settings and VAE stored with a checkpoint (defaults: 18 Heun steps, no guidance)."""
-    settings = {"num_steps": 18, "cfg_scale": 1.0}
-    if Path(ckpt).suffix == ".safetensors":
-        from .checkpoint import read_safetensors
-        _, _, metadata = read_safetensors(ckpt)
-        settings.update(json.loads(metadata.get("sample_config", "{}")))
-        return settings, json.loads(metadata.get("vae", "null"))
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    return {**settings, **state["config"]["sample"]}, state["config"]["data"].get("vae")
+        if args.n < world:
+            parser.error(f"--n {args.n} is smaller than the {world} processes")
+        try:
+            net = load_checkpoint(args.ckpt, device)
+        except (FileNotFoundError, ValueError) as err:
+            parser.error(str(err))
+        sample_cfg, vae = sample_settings(args.ckpt)
+        overrides = {k: v for k, v in (("num_steps", args.steps), ("cfg_scale", args.cfg_scale), ("solver", args.solver))
+                     if v is not None}
+        try:
+            sample_cfg = SampleConfig(**{**sample_cfg, **overrides})
+            seeds = list(range(args.seed, args.seed + args.n))
+            labels = seed_labels(seeds, net.num_classes, args.class_index)
+        except (ConfigError, ValueError) as err:
+            parser.error(str(err))
+        vae = args.vae or vae
+        decode = net.model.cfg.in_channels == 4 and bool(vae)
+        if not decode and net.model.cfg.in_channels not in (1, 3):
+            print(f"no VAE given for a {net.model.cfg.in_channels}-channel latent model; pass --vae", file=sys.stderr)
+            return 2
+        lo, hi = rank * args.n // world, (rank + 1) * args.n // world  # this process's seeds
+        images = generate(net, seeds[lo:hi], None if labels is None else labels[lo:hi], sample_cfg,
+                          batch_size=args.batch, progress=rank == 0)
+        if decode:
+            from .data.vae import decode_latents, load_vae
+            images = decode_latents(load_vae(vae, device), images)
+        uint8 = to_uint8_nhwc(images)
+        if world > 1:
+            parts = [None] * world if rank == 0 else None
+            dist.gather_object(uint8, parts, dst=0)
+            if rank != 0:
+                return 0
+            uint8 = np.concatenate(parts)
+        out = Path(args.out)
+        save_grid(uint8, out / "grid.png", nrow=min(args.n, 8 if labels is None or args.class_index is not None else 10))
+        save_npz(out / "samples.npz", uint8, labels)
+        settings = {"ckpt": str(args.ckpt), "n": args.n, "seed": args.seed, "class": args.class_index,
+                    **vars(sample_cfg)}
+        (out / "settings.json").write_text(json.dumps(settings, indent=2))
+        print(f"wrote {out / 'grid.png'} and {out / 'samples.npz'} ({args.n} images)")
+        return 0
+    finally:
+        if created:
+            dist.destroy_process_group()

@@ -3,6 +3,7 @@
 ``load_config("mnist", ["model.mask_ratio=0.25"])`` merges, in order: the defaults below, the
 YAML preset (a name from ``configs/`` or a path), then the overrides. Unknown keys, values of
 the wrong type and values out of range raise :class:`ConfigError` naming the key.
+``parallel=fsdp`` on the command line is short for ``train.parallel=fsdp``.
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ class ModelConfig:
     in_channels: int = 4
     num_classes: int = 1000            # 0 = unconditional
     class_dropout: float = 0.1         # label dropout for classifier-free guidance
+    class_embed_init_std: float = 0.02 # DiT's init; short runs learn the class signal faster from ~1
     mlp_ratio: float = 4.0
     decoder_hidden_size: int = 512     # MaskDiT decoder
     decoder_depth: int = 8
@@ -79,6 +81,7 @@ class ModelConfig:
         _require(self.in_channels > 0, "model.in_channels", "must be positive")
         _require(self.num_classes >= 0, "model.num_classes", "must be >= 0 (0 = unconditional)")
         _require(0.0 <= self.class_dropout < 1.0, "model.class_dropout", f"must be in [0, 1), got {self.class_dropout}")
+        _require(self.class_embed_init_std > 0, "model.class_embed_init_std", "must be positive")
         _require(self.mlp_ratio > 0, "model.mlp_ratio", "must be positive")
         _require(0.0 <= self.mask_ratio < 1.0, "model.mask_ratio", f"must be in [0, 1), got {self.mask_ratio}")
         _require(self.arch == "maskdit" or self.mask_ratio == 0.0, "model.mask_ratio",
@@ -142,9 +145,18 @@ class TrainConfig:
     log_every: int = 50
     sample_every: int = 5000           # sample grid PNG (also written at the end)
     ckpt_every: int = 5000             # training state + EMA safetensors (also written at the end)
+    keep_last: int = 0                 # training states kept on disk (0 = all)
+    parallel: str = "none"             # none | ddp | fsdp (several processes: launch with torchrun)
+    micro_batch: Optional[int] = None  # samples per process per forward/backward; None = global_batch / processes
+    activation_checkpointing: bool = False  # recompute each DiT block in the backward pass
+    compile: bool = False              # torch.compile each DiT block
+    ddp_bucket_mb: int = 25            # ddp: gradient all-reduce bucket size
+    fsdp_reduce_dtype: str = "fp32"    # fsdp + bf16: dtype of the gradient reduce-scatter (fp32 | bf16)
+    fsdp_cpu_offload: bool = False     # fsdp: sharded parameters, gradients and optimizer state in CPU memory
+    nonfinite: str = "stop"            # NaN/inf loss: stop (and save the batch) | skip the step
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "global_batch", "log_every", "sample_every", "ckpt_every"):
+        for key in ("max_steps", "global_batch", "log_every", "sample_every", "ckpt_every", "ddp_bucket_mb"):
             _require(getattr(self, key) > 0, f"train.{key}", f"must be positive, got {getattr(self, key)}")
         _require(self.lr > 0, "train.lr", "must be positive")
         _one_of(self.lr_schedule, "train.lr_schedule", ("constant", "cosine"))
@@ -157,6 +169,17 @@ class TrainConfig:
         _require(0 <= self.unmasked_steps <= self.max_steps, "train.unmasked_steps", "must be in [0, train.max_steps]")
         _one_of(self.precision, "train.precision", ("auto", "bf16", "fp16", "fp32"))
         _one_of(self.device, "train.device", ("auto", "cpu", "cuda"))
+        _require(self.keep_last >= 0, "train.keep_last", "must be >= 0 (0 = keep all)")
+        _one_of(self.parallel, "train.parallel", ("none", "ddp", "fsdp"))
+        if self.micro_batch is not None:
+            _require(0 < self.micro_batch <= self.global_batch and self.global_batch % self.micro_batch == 0,
+                     "train.micro_batch", f"{self.micro_batch} must be positive and divide train.global_batch={self.global_batch}")
+        _one_of(self.fsdp_reduce_dtype, "train.fsdp_reduce_dtype", ("fp32", "bf16"))
+        _require(not self.fsdp_cpu_offload or self.parallel == "fsdp", "train.fsdp_cpu_offload", "needs train.parallel=fsdp")
+        # FSDP2 has no sharded grad scaler here; bf16 needs none.
+        _require(not (self.parallel == "fsdp" and self.precision == "fp16"), "train.precision",
+                 "fp16 (grad scaler) is not supported with train.parallel=fsdp; use bf16")
+        _one_of(self.nonfinite, "train.nonfinite", ("stop", "skip"))
 
 
 @dataclass
@@ -209,13 +232,19 @@ def _build(*sources: Any) -> Config:
         raise ConfigError(f"{key}: {message}" if key else message) from None
 
 
+SHORTHANDS = {"parallel": "train.parallel"}  # command-line key -> full key
+
+
 def load_config(name_or_path: str | None = "mnist", overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- YAML preset or file (None: defaults only) <- ``key=value`` overrides."""
+    full = []
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.max_steps=500)")
+        key, value = item.split("=", 1)
+        full.append(f"{SHORTHANDS.get(key, key)}={value}")
     sources = [] if name_or_path is None else [OmegaConf.load(resolve_config_path(name_or_path))]
-    return _build(*sources, OmegaConf.from_dotlist(list(overrides)))
+    return _build(*sources, OmegaConf.from_dotlist(full))
 
 
 def config_to_dict(cfg: Config | ModelConfig) -> dict:

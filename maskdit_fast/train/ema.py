@@ -6,12 +6,16 @@ import copy
 import torch
 import torch.nn as nn
 
+from .parallel import local
+
 
 class EMA:
     """A frozen copy of ``model`` updated as ``ema = decay * ema + (1 - decay) * param``.
 
     With ``warmup`` the decay ramps up as min(decay, (1 + step) / (10 + step)), which makes the
-    average useful early in short runs.
+    average useful early in short runs. Under FSDP the copy is sharded like the model
+    (:func:`maskdit_fast.train.parallel.parallelize`), and the update works on the local shards:
+    no gather, the same arithmetic as unsharded.
     """
 
     def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
@@ -24,8 +28,9 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
-        ema_params = list(self.model.parameters())
-        params = [p.detach() for p in model.parameters()]
+        """Move towards ``model``'s parameters (same structure and sharding as the copy)."""
+        ema_params = [local(p) for p in self.model.parameters()]
+        params = [local(p.detach()) for p in model.parameters()]
         torch._foreach_lerp_(ema_params, params, 1.0 - self.decay_at(step))
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -1,16 +1,37 @@
-"""Full training state on disk, written atomically, for exact resume.
+"""Training state on disk for exact resume: sharded through ``torch.distributed.checkpoint`` (DCP),
+committed atomically.
 
-Layout of a run directory: ``checkpoints/step-XXXXXXX.pt`` (model, EMA, optimizer, grad scaler,
-RNG states, step, config) and ``checkpoints/latest`` naming the newest one.
+Layout of a run directory: ``checkpoints/step-XXXXXXX/`` is one DCP checkpoint (model, optimizer,
+EMA and each rank's RNG states, one file per writing rank) plus ``meta.json`` (step, world size,
+grad scaler, config). It is written as ``checkpoints/.tmp-step-XXXXXXX/`` by every rank and renamed
+by rank 0 once all have finished, so every ``step-*`` directory is complete: a crash mid-write
+leaves the previous checkpoint intact, and the newest ``step-*`` is the one to resume. DCP stores
+global shapes, so a checkpoint loads into any number of processes (resharding). Multi-node runs
+need the run directory on a filesystem all nodes share.
+
+Earlier versions wrote single files ``step-XXXXXXX.pt``; :func:`load_training_state` still reads them.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import tempfile
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from .dist import barrier
+
+STEP_NAME = re.compile(r"^step-(\d+)(\.pt)?$")
 
 
 def atomic_write(path: Path, write) -> None:
@@ -28,37 +49,139 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
-def rng_state() -> dict[str, Any]:
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's RNG states: CPU, and its own GPU's when it has one."""
     state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save_training_state(run_dir: Path, step: int, state: dict[str, Any]) -> Path:
-    """Write ``state`` for ``step`` atomically and point ``checkpoints/latest`` at it."""
+def _no_dist() -> bool:
+    return not dist.is_initialized()
+
+
+@contextmanager
+def _single_process_quiet():
+    """DCP warns on every call without a process group; one process is what we mean there."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def save_training_state(run_dir: Path, step: int, state: dict[str, Any], meta: dict[str, Any], keep_last: int,
+                        is_main: bool) -> Path:
+    """Collective: every rank writes its part of ``state`` (tensors, DTensor shards), rank 0 adds
+    ``meta`` (JSON) and commits ``checkpoints/step-XXXXXXX`` by a rename, then keeps the newest
+    ``keep_last`` checkpoints (0 = all)."""
     ckpt_dir = run_dir / "checkpoints"
-    path = ckpt_dir / f"step-{step:07d}.pt"
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
-    atomic_write(ckpt_dir / "latest", lambda tmp: tmp.write_text(path.name + "\n"))
-    return path
+    final, tmp = ckpt_dir / f"step-{step:07d}", ckpt_dir / f".tmp-step-{step:07d}"
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash while writing this step
+        tmp.mkdir(parents=True)
+    barrier()
+    with _single_process_quiet():  # returns once every rank's files and the metadata are written
+        dcp.save(state, checkpoint_id=tmp, no_dist=_no_dist())
+    if is_main:
+        atomic_write(tmp / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
+        _commit(tmp, final)
+        _retain(ckpt_dir, keep_last)
+    barrier()
+    return final
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    if final.exists():  # the same step saved again (a run resumed from an earlier checkpoint)
+        old = final.with_name(f".old-{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _retain(ckpt_dir: Path, keep_last: int) -> None:
+    """Delete checkpoints older than the newest ``keep_last`` and temporaries left by crashes."""
+    for stale in ckpt_dir.glob(".tmp-step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if keep_last > 0:
+        for old in _checkpoints(ckpt_dir)[:-keep_last]:
+            if old.is_dir():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
+
+
+def _checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Committed checkpoints (DCP directories and legacy ``.pt`` files), oldest first."""
+    found = [(int(m.group(1)), p) for p in ckpt_dir.glob("step-*") if (m := STEP_NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
 
 
 def latest_training_state(run_dir: Path) -> Path | None:
     """The newest complete training state of a run, or None."""
-    pointer = run_dir / "checkpoints" / "latest"
-    if not pointer.is_file():
-        return None
-    path = pointer.parent / pointer.read_text().strip()
-    return path if path.is_file() else None
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    found = _checkpoints(ckpt_dir) if ckpt_dir.is_dir() else []
+    return found[-1] if found else None
 
 
-def load_training_state(path: Path) -> dict[str, Any]:
-    """Read a state written by :func:`save_training_state` (plain tensors and containers only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def read_meta(path: Path) -> dict[str, Any]:
+    """``meta.json`` of a DCP training state: step, world_size, scaler, config."""
+    return json.loads((Path(path) / "meta.json").read_text())
+
+
+def load_into(path: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """Collective: fill ``state`` in place from the DCP checkpoint ``path``. ``state`` holds the
+    tensors to fill, with this process's shapes and shardings (``get_state_dict`` of the wrapped
+    model), so the checkpoint may come from another number of processes. RNG entries the checkpoint
+    lacks (another device type, another world size) are dropped from ``state["rng"]``. Returns the meta."""
+    saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    rng = {rank: {name: t for name, t in entries.items() if f"rng.{rank}.{name}" in saved}
+           for rank, entries in state.pop("rng", {}).items()}
+    rng = {rank: entries for rank, entries in rng.items() if entries}
+    if rng:
+        state["rng"] = rng
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=path, no_dist=_no_dist())
+    return read_meta(path)
+
+
+def load_training_state(path: Path, parts: tuple[str, ...] = ("model", "ema", "optimizer", "rng")) -> dict[str, Any]:
+    """A training state as plain CPU tensors in one process, e.g. to inspect or export it: the meta
+    (step, world_size, scaler, config) plus the ``parts`` asked for, nested as saved
+    (``model``/``ema``: name -> tensor; ``optimizer``: ``{"state": {name: {"exp_avg", ...}}}``;
+    ``rng``: ``{"rank0": {"cpu", ["cuda"]}, ...}``). Reads legacy ``.pt`` files whole."""
+    path = Path(path)
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    saved = FileSystemReader(str(path)).read_metadata()
+    flat = {key: torch.empty(m.size, dtype=m.properties.dtype) for key, m in saved.state_dict_metadata.items()
+            if isinstance(m, TensorStorageMetadata) and saved.planner_data[key][0] in parts}
+    if flat:
+        with _single_process_quiet():
+            dcp.load(flat, checkpoint_id=path, no_dist=True)
+    state = read_meta(path)
+    for key, tensor in flat.items():
+        *outer, leaf = saved.planner_data[key]
+        node = state
+        for name in outer:
+            node = node.setdefault(name, {})
+        node[leaf] = tensor
+    return state

@@ -1,9 +1,13 @@
 """The training loop: MaskDiT (or the plain DiT baseline) with EDM, EMA, checkpoints and logs.
 
-One step: batch -> EDM noise -> (mask) -> loss -> backward -> AdamW -> EMA. Everything random
-(noise, masks, label dropout) draws from the global RNG, whose state is checkpointed, and the
-batch order is a function of the step, so ``resume=True`` continues exactly where a crashed run
-stopped: the final parameters equal those of an uninterrupted run.
+One step: batch -> EDM noise -> (mask) -> loss -> backward -> AdamW -> EMA, on one process or on
+several launched by torchrun (``train.parallel=ddp|fsdp``), each running ``accumulation``
+micro-batches per step. Everything random (noise, masks, label dropout, flips) draws from the
+global RNG and the batch order is a function of the step. One process with one micro-batch per
+step draws from one continuous stream whose state is checkpointed; otherwise every micro-batch
+reseeds from (seed, step, its place in the global batch), so the numbers do not depend on how many
+processes share the batch. Either way ``resume=True`` continues exactly where a crashed run stopped:
+the final parameters equal those of an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -16,29 +20,30 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.fsdp import FSDPModule
 from tqdm.auto import tqdm
 
 import kernels
 
-from ..checkpoint import build_net, load_checkpoint, save_safetensors
-from ..config import Config, config_to_dict
-from ..data import EpochBatches, load_mnist
+from ..checkpoint import build_net, ema_metadata, load_checkpoint, save_safetensors
+from ..config import Config, ConfigError, config_to_dict
+from ..data import load_mnist
+from ..data.sampler import EpochBatches, micro_batch_seed, split_global_batch
 from ..diffusion.loss import edm_loss
 from ..eval.images import to_uint8_nhwc
 from ..generate import generate, save_grid
+from .dist import Dist, all_reduce_mean, barrier, env_ranks, init_distributed, select_device
 from .ema import EMA
-from .state import latest_training_state, load_training_state, rng_state, save_training_state, set_rng_state
+from .parallel import clip_grad_norm, gradient_sync, parallelize
+from .state import (atomic_write, latest_training_state, load_into, load_training_state, rng_state,
+                    save_training_state, set_rng_state)
 
 log = logging.getLogger(__name__)
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def select_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+__all__ = ["learning_rate", "select_device", "train"]
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -103,118 +108,222 @@ def _initialise_from(path: str, net, ema: EMA) -> None:
             net.load_state_dict(weights)
             ema.load_state_dict(weights)
         else:
-            state = load_training_state(Path(path))
+            state = load_training_state(Path(path), parts=("model", "ema"))
             net.load_state_dict(state["model"])
             ema.load_state_dict(state["ema"])
     except RuntimeError as err:
         raise RuntimeError(f"--init-from {path}: its architecture does not match this config's model: {err}") from None
 
 
+def _restore(path: Path, cfg: Config, env: Dist, net, optimizer, ema: EMA, scaler) -> int:
+    """Collective: load the training state at ``path`` into the (wrapped, maybe sharded) objects;
+    returns its step. The checkpoint may come from another number of processes."""
+    if path.is_file():
+        raise ValueError(f"cannot resume {path}: it is a single-file state of an earlier version; resume it with "
+                         "that version, or start a new run from its weights with --init-from")
+    model_sd, optim_sd = get_state_dict(net, optimizer)
+    rank_key = f"rank{env.rank}"
+    state = {"model": model_sd, "optimizer": optim_sd, "ema": get_model_state_dict(ema.model),
+             "rng": {rank_key: rng_state(env.device)}}
+    meta = load_into(path, state)
+    saved = meta["config"]
+    if saved["model"] != config_to_dict(cfg.model):
+        raise ValueError(f"cannot resume {path}: it was trained with another model config")
+    for key in ("global_batch", "seed"):
+        if saved["train"][key] != getattr(cfg.train, key):
+            raise ValueError(f"cannot resume {path}: train.{key} was {saved['train'][key]}, now {getattr(cfg.train, key)}; "
+                             "the data order depends on it")
+    set_state_dict(net, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_model_state_dict(ema.model, state["ema"])
+    scaler.load_state_dict(meta["scaler"])
+    if rank_key in state.get("rng", {}):
+        set_rng_state(state["rng"][rank_key], env.device)
+    log.info("resumed from %s at step %d (written by %d processes)", path, meta["step"], meta["world_size"])
+    return meta["step"]
+
+
+def _ema_for_sampling(cfg: Config, ema: EMA, env: Dist) -> tuple[torch.nn.Module | None, dict | None]:
+    """Collective under FSDP: (EMA network, its weights) on rank 0 as a plain module; (None, None)
+    elsewhere. Sharded EMA weights are gathered here, at sample/checkpoint time only."""
+    if not isinstance(ema.model, FSDPModule):
+        return (ema.model, ema.state_dict()) if env.is_main else (None, None)
+    weights = get_model_state_dict(ema.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not env.is_main:
+        return None, None
+    with torch.random.fork_rng(devices=[]):  # initialising a network draws random weights: keep the training RNG
+        net = build_net(cfg.model)
+    net.load_state_dict(weights)
+    return net.to(env.device).eval().requires_grad_(False), weights
+
+
+def _save_nonfinite_batch(out_dir: Path, step: int, rank: int, value: float, inputs: list) -> Path:
+    """This rank's micro-batches of a step whose loss was not finite, for a post-mortem."""
+    path = out_dir / "nonfinite" / f"step-{step:07d}-rank{rank}.pt"
+    batches = [{"index": j, "dataset_indices": idx.cpu(), "images": x.cpu(), "labels": None if y is None else y.cpu()}
+               for j, idx, x, y in inputs]
+    atomic_write(path, lambda tmp: torch.save({"step": step, "loss": value, "micro_batches": batches}, tmp))
+    return path
+
+
 def train(cfg: Config, out_dir: str | Path, resume: bool = False, init_from: str | None = None,
           progress: bool = True) -> Path:
-    """Train per ``cfg`` into ``out_dir``; returns the path of the final EMA safetensors."""
-    out_dir = Path(out_dir)
+    """Train per ``cfg`` into ``out_dir``; returns the path of the final EMA safetensors.
+
+    With ``train.parallel=ddp|fsdp`` every process launched by torchrun calls this; it joins the
+    default process group (creating it from torchrun's environment, or a group of one in a plain
+    ``python`` launch) and destroys it at the end if it created it.
+    """
+    t = cfg.train
+    if t.parallel == "none":
+        world_size = env_ranks()[1]
+        if world_size > 1:
+            raise ConfigError(f"train.parallel: none, but {world_size} processes were launched (torchrun); "
+                              "set parallel=ddp or parallel=fsdp")
+        env, created = Dist(0, 1, select_device(t.device)), False
+    else:
+        env, created = init_distributed(t.device)
+    try:
+        return _train(cfg, Path(out_dir), env, resume, init_from, progress)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _train(cfg: Config, out_dir: Path, env: Dist, resume: bool, init_from: str | None, progress: bool) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     t = cfg.train
-    device = select_device(t.device)
+    device = env.device
     precision = resolve_precision(t.precision, device)
+    micro, accumulation = split_global_batch(t.global_batch, env.world_size, t.micro_batch)
+    split = env.world_size * accumulation > 1  # else: one continuous RNG stream, as in a plain run
+    if t.fsdp_cpu_offload and device.type != "cuda":
+        raise ConfigError("train.fsdp_cpu_offload: offloads GPU memory, but this run is on the CPU")
     if cfg.model.kernels != "auto":
         kernels.set_backend(cfg.model.kernels)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.tf32
-    torch.manual_seed(t.seed)
-
-    images, labels = load_dataset(cfg, device)
-    batches = EpochBatches(images.shape[0], t.global_batch, t.seed)
-    net = build_net(cfg.model).to(device).train()
-    ema = EMA(net, t.ema_decay, t.ema_warmup)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
-                                  fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    start = 0
+    torch.manual_seed(t.seed)  # the same initial weights on every rank
 
     state_path = latest_training_state(out_dir) if resume else None
-    if state_path is not None:
-        state = load_training_state(state_path)
-        if state["config"]["model"] != config_to_dict(cfg.model):
-            raise ValueError(f"cannot resume {state_path}: it was trained with another model config")
-        net.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        start = state["step"]
-        log.info("resumed from %s at step %d", state_path, start)
-    elif resume:
-        log.info("--resume: no checkpoint in %s, starting from scratch", out_dir)
-    elif init_from:
-        _initialise_from(init_from, net, ema)
     if latest_training_state(out_dir) is not None and not resume:
         raise FileExistsError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
+    images, labels = load_dataset(cfg, device)
+    batches = EpochBatches(images.shape[0], t.global_batch, t.seed)
+    raw = build_net(cfg.model).to(device).train()
+    ema = EMA(raw, t.ema_decay, t.ema_warmup)
+    if init_from and not resume:
+        _initialise_from(init_from, raw, ema)
+    net = parallelize(raw, ema.model, cfg, precision, device, env.world_size, accumulation)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+                                  fused=device.type == "cuda" and not t.fsdp_cpu_offload)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    start = 0
+    if state_path is not None:
+        start = _restore(state_path, cfg, env, net, optimizer, ema, scaler)
+    elif resume:
+        log.info("--resume: no checkpoint in %s, starting from scratch", out_dir)
+    barrier()  # every rank has checked the run directory before rank 0 writes to it
 
-    (out_dir / "config.yaml").write_text(json.dumps(config_to_dict(cfg), indent=2))
-    metrics_file = (out_dir / "metrics.jsonl").open("a")
+    metrics_file = None
+    if env.is_main:
+        (out_dir / "config.yaml").write_text(json.dumps(config_to_dict(cfg), indent=2))
+        metrics_file = (out_dir / "metrics.jsonl").open("a")
     autocast = (torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision]) if precision in AUTOCAST_DTYPES
                 else contextlib.nullcontext())
-    sums = torch.zeros(3, device=device)  # loss, dsm, mae since the last log line
-    window_start, window_steps = time.perf_counter(), 0
+    sums = torch.zeros(3, device=device)  # loss, dsm, mae since the last log line (finite steps only)
+    grad_norms = torch.zeros((), device=device)
+    window_start, window_steps, window_skipped, skipped = time.perf_counter(), 0, 0, 0
 
-    def checkpoint(step: int) -> None:
-        save_training_state(out_dir, step, {
-            "step": step, "model": net.state_dict(), "ema": ema.state_dict(),
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
-            "config": config_to_dict(cfg)})
-        save_safetensors(out_dir / "ema.safetensors", ema.state_dict(), cfg.model,
-                         {"step": step, "vae": cfg.data.vae, "latent_scale": cfg.data.latent_scale,
-                          "sample_config": config_to_dict(cfg.sample)})
+    def checkpoint(step: int, ema_weights: dict | None) -> None:
+        model_sd, optim_sd = get_state_dict(net, optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd, "ema": get_model_state_dict(ema.model),
+                 "rng": {f"rank{env.rank}": rng_state(device)}}
+        config = config_to_dict(cfg)
+        meta = {"step": step, "world_size": env.world_size, "scaler": scaler.state_dict(), "config": config}
+        save_training_state(out_dir, step, state, meta, t.keep_last, env.is_main)
+        if env.is_main:
+            save_safetensors(out_dir / "ema.safetensors", ema_weights, cfg.model, ema_metadata(config, step))
 
-    bar = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, disable=not progress,
+    bar = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, disable=not (progress and env.is_main),
                desc="train", dynamic_ncols=True)
     for step in bar:
-        idx = batches(step).to(device)
-        x, y = images[idx], labels[idx]
-        if cfg.data.flip:
-            flip = torch.rand(x.shape[0], device=device) < 0.5
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        if cfg.model.num_classes == 0:
-            y = None
+        done = step + 1
         mask_ratio = cfg.model.mask_ratio if step < t.max_steps - t.unmasked_steps else 0.0
         lr = learning_rate(cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with autocast:
-            terms = edm_loss(net, x, y, mask_ratio, cfg.loss)
-        loss = terms.loss.mean()
-        scaler.scale(loss).backward()
-        if t.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(net.parameters(), t.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(net, step)
-        sums += torch.stack([loss.detach(), terms.dsm.detach().mean(), terms.mae.detach().mean()]).float()
+        step_terms = torch.zeros(3, device=device)
+        inputs = []  # this rank's micro-batches, saved if the loss is not finite
+        for a, (j, idx) in enumerate(batches.micro_batches(step, env.rank, env.world_size, accumulation)):
+            if split:
+                torch.manual_seed(micro_batch_seed(t.seed, step, j))
+            idx = idx.to(device)
+            x, y = images[idx], labels[idx]
+            if cfg.data.flip:
+                flip = torch.rand(x.shape[0], device=device) < 0.5
+                x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+            if cfg.model.num_classes == 0:
+                y = None
+            with gradient_sync(net, a == accumulation - 1):
+                with autocast:
+                    terms = edm_loss(net, x, y, mask_ratio, cfg.loss)
+                loss = terms.loss.mean()
+                scaler.scale(loss / accumulation).backward()
+            step_terms += torch.stack([loss.detach(), terms.dsm.detach().mean(), terms.mae.detach().mean()]).float()
+            inputs.append((j, idx, x, y))
+        step_terms /= accumulation
+
+        value = all_reduce_mean(step_terms[:1]).item()  # the same verdict on every rank
+        if math.isfinite(value):
+            if t.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                grad_norms += clip_grad_norm(net.parameters(), t.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            ema.update(net, step)
+            sums += step_terms
+        elif t.nonfinite == "stop":
+            path = _save_nonfinite_batch(out_dir, done, env.rank, value, inputs)
+            raise FloatingPointError(f"loss is {value} at step {done}; its batch is saved as "
+                                     f"{path.parent}/step-{done:07d}-rank*.pt; lower train.lr, use "
+                                     "train.precision=fp32, or set train.nonfinite=skip to skip such steps")
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            window_skipped += 1
+            skipped += 1
+            log.warning("step %d: loss is %s, step skipped (train.nonfinite=skip)", done, value)
         window_steps += 1
-        done = step + 1
 
         if done % t.log_every == 0 or done == t.max_steps:
-            loss_avg, dsm_avg, mae_avg = (sums / window_steps).tolist()
-            if not math.isfinite(loss_avg):
-                raise FloatingPointError(f"loss became {loss_avg} by step {done}; lower train.lr or use train.precision=fp32")
+            finite_steps = window_steps - window_skipped
+            loss_avg, dsm_avg, mae_avg = (all_reduce_mean(sums) / max(finite_steps, 1)).tolist()
             elapsed = time.perf_counter() - window_start
             record = {"step": done, "loss": loss_avg, "dsm": dsm_avg, "mae": mae_avg,
                       "img_per_s": window_steps * t.global_batch / elapsed, "lr": lr, "mask_ratio": mask_ratio,
                       "peak_mem_gb": peak_memory_gb(device)}
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
+            if t.grad_clip > 0:
+                record["grad_norm"] = grad_norms.item() / max(finite_steps, 1)  # global norm before clipping
+            if t.nonfinite == "skip":
+                record["skipped"] = skipped
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
             bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{record['img_per_s']:.0f}")
             sums.zero_()
-            window_start, window_steps = time.perf_counter(), 0
+            grad_norms.zero_()
+            window_start, window_steps, window_skipped = time.perf_counter(), 0, 0
         paused = time.perf_counter()  # sampling and checkpointing do not count towards img/s
-        if done % t.sample_every == 0 or done == t.max_steps:
-            write_sample_grid(cfg, ema.model, out_dir / "samples" / f"step-{done:07d}.png")
-        if done % t.ckpt_every == 0 or done == t.max_steps:
-            checkpoint(done)
+        sample_now = done % t.sample_every == 0 or done == t.max_steps
+        ckpt_now = done % t.ckpt_every == 0 or done == t.max_steps
+        if sample_now or ckpt_now:
+            ema_net, ema_weights = _ema_for_sampling(cfg, ema, env)
+            if sample_now and env.is_main:
+                write_sample_grid(cfg, ema_net, out_dir / "samples" / f"step-{done:07d}.png")
+            if ckpt_now:
+                checkpoint(done, ema_weights)
+            barrier()
         window_start += time.perf_counter() - paused
-    metrics_file.close()
+    if metrics_file is not None:
+        metrics_file.close()
     return out_dir / "ema.safetensors"

@@ -15,7 +15,8 @@ def test_benchmark_only_run_reports_throughput_memory_mfu_and_ratios(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "benchmarks/", "--benchmark-only", "-q", "-p", "no:cacheprovider",
-         "--bench-variants", "mask50+kernels", "--bench-sample-variants", "maskdit", f"--benchmark-json={out}"],
+         "--bench-device", "cpu", "--bench-variants", "mask50+kernels", "--bench-sample-variants", "maskdit",
+         f"--benchmark-json={out}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "maskdit_fast throughput" in proc.stdout

@@ -31,10 +31,10 @@ def close(a: float, b: float) -> bool:
 
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """One run of ``python -m benchmarks.report --tiny`` (about half a minute on 2 busy cores)."""
+    """One run of ``python -m benchmarks.report --tiny --device cpu`` (about half a minute on 2 busy cores)."""
     out = tmp_path_factory.mktemp("bench")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.report", "--tiny", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.report", "--tiny", "--device", "cpu", "--out", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, proc

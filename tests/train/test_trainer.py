@@ -4,6 +4,11 @@ import pytest
 import torch
 
 from maskdit_fast import load_checkpoint
+from maskdit_fast.checkpoint import main as checkpoint_main
+from maskdit_fast.checkpoint import read_safetensors
+from maskdit_fast.config import ConfigError
+from maskdit_fast.data.sampler import EpochBatches, split_global_batch
+from maskdit_fast.train import state as state_module
 from maskdit_fast.train import trainer as trainer_module
 from maskdit_fast.train.ema import EMA
 from maskdit_fast.train.state import atomic_write, latest_training_state, load_training_state
@@ -40,7 +45,7 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, monkeypatch):
     for key in ("model", "ema"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
-    assert torch.equal(a["rng"]["cpu"], b["rng"]["cpu"])
+    assert torch.equal(a["rng"]["rank0"]["cpu"], b["rng"]["rank0"]["cpu"])
 
 
 def test_run_writes_logs_samples_and_a_loadable_checkpoint(tmp_path):
@@ -55,6 +60,12 @@ def test_run_writes_logs_samples_and_a_loadable_checkpoint(tmp_path):
     state = load_training_state(latest_training_state(tmp_path))
     for name, tensor in net.state_dict().items():
         assert torch.equal(tensor, state["ema"][name])
+    # the export command writes the same file from the training state
+    assert checkpoint_main(["export", str(tmp_path), str(tmp_path / "exported.safetensors")]) == 0
+    exported, model_cfg, metadata = read_safetensors(tmp_path / "exported.safetensors")
+    assert model_cfg == cfg.model and json.loads(metadata["step"]) == 4
+    assert all(torch.equal(exported[name], tensor) for name, tensor in net.state_dict().items())
+    assert load_checkpoint(latest_training_state(tmp_path)).state_dict().keys() == exported.keys()
 
 
 def test_starting_over_an_existing_run_is_refused(tmp_path):
@@ -108,15 +119,97 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
 
 
-def test_nan_loss_stops_with_the_step(tmp_path, monkeypatch):
-    cfg = tiny_config("train.max_steps=4", "train.log_every=2")
+def poison_loss(monkeypatch, calls: set[int]) -> None:
+    """Make the loss NaN on the given (1-based) calls of edm_loss."""
     real = trainer_module.edm_loss
+    count = [0]
 
     def poisoned(*args, **kwargs):
         terms = real(*args, **kwargs)
-        terms.loss = terms.loss * float("nan")
+        count[0] += 1
+        if count[0] in calls:
+            terms.loss = terms.loss * float("nan")
         return terms
 
     monkeypatch.setattr(trainer_module, "edm_loss", poisoned)
+
+
+def test_nan_loss_stops_with_the_step_and_saves_the_batch(tmp_path, monkeypatch):
+    cfg = tiny_config("train.max_steps=4", "train.log_every=2")
+    poison_loss(monkeypatch, {2, 3, 4})
     with pytest.raises(FloatingPointError, match="step 2"):
         train(cfg, tmp_path, progress=False)
+    saved = torch.load(tmp_path / "nonfinite" / "step-0000002-rank0.pt", weights_only=True)
+    (batch,) = saved["micro_batches"]
+    assert saved["step"] == 2 and batch["images"].shape == (8, 1, 32, 32) and batch["labels"].shape == (8,)
+    assert latest_training_state(tmp_path) is None
+
+
+def test_nan_loss_can_skip_the_step(tmp_path, monkeypatch):
+    cfg = tiny_config("train.max_steps=4", "train.log_every=2", "train.nonfinite=skip")
+    poison_loss(monkeypatch, {2})
+    train(cfg, tmp_path, progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in lines] == [1, 1] and all(r["loss"] == r["loss"] for r in lines)
+    state = load_training_state(latest_training_state(tmp_path))
+    assert state["optimizer"]["state"]["model.x_embedder.proj.weight"]["step"].item() == 3  # 4 steps, 1 skipped
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    cfg = tiny_config("train.max_steps=4", "train.ckpt_every=2")
+    real_save = state_module.dcp.save
+    calls = [0]
+
+    def crash_after_writing_the_second(*args, **kwargs):
+        real_save(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] == 2:
+            raise KeyboardInterrupt("simulated crash before the commit")
+
+    monkeypatch.setattr(state_module.dcp, "save", crash_after_writing_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path, progress=False)
+    monkeypatch.setattr(state_module.dcp, "save", real_save)
+    checkpoints = tmp_path / "checkpoints"
+    assert latest_training_state(tmp_path).name == "step-0000002"
+    assert (checkpoints / ".tmp-step-0000004").is_dir()  # the half-done write, never resumed from
+    load_checkpoint(latest_training_state(tmp_path))
+
+    train(tiny_config("train.max_steps=4", "train.ckpt_every=2", "train.keep_last=1"), tmp_path, resume=True,
+          progress=False)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000004"]
+
+
+def test_activation_checkpointing_gives_the_same_parameters(tmp_path):
+    plain = train(tiny_config("train.max_steps=2"), tmp_path / "plain", progress=False)
+    recomputed = train(tiny_config("train.max_steps=2", "train.activation_checkpointing=true"), tmp_path / "ac",
+                       progress=False)
+    a = load_training_state(latest_training_state(plain.parent), parts=("model",))["model"]
+    b = load_training_state(latest_training_state(recomputed.parent), parts=("model",))["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_global_batch_splits_into_micro_batches_or_is_refused():
+    assert split_global_batch(1024, 8, None) == (128, 1)
+    assert split_global_batch(1024, 8, 32) == (32, 4)
+    with pytest.raises(ConfigError, match="train.global_batch"):
+        split_global_batch(1024, 3, None)
+    with pytest.raises(ConfigError, match="train.micro_batch"):
+        split_global_batch(1024, 8, 48)
+    with pytest.raises(ConfigError, match="train.micro_batch"):
+        tiny_config("train.micro_batch=3")
+    assert tiny_config("parallel=fsdp").train.parallel == "fsdp"  # command-line shorthand
+
+
+@pytest.mark.parametrize("world_size,accumulation", [(1, 1), (2, 2), (4, 1), (3, 1)])
+def test_ranks_share_each_global_batch_exactly(world_size, accumulation):
+    # 50 samples, batches of 12: neither divides the other, nor is 50 divisible by 3 or 4
+    batches = EpochBatches(50, 12, seed=3)
+    seen = []
+    for step in range(4):  # one epoch: 4 batches, 2 samples dropped
+        parts = [mb for rank in range(world_size) for mb in batches.micro_batches(step, rank, world_size, accumulation)]
+        assert [j for j, _ in parts] == list(range(world_size * accumulation))
+        assert torch.equal(torch.cat([idx for _, idx in parts]), batches(step))
+        seen += batches(step).tolist()
+    assert len(seen) == len(set(seen)) == 48

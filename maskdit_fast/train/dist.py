@@ -1,0 +1,72 @@
+"""Processes and devices: torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT)
+-> a process group (NCCL for CUDA tensors, gloo for CPU ones) and this process's device."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process stands: rank among ``world_size`` processes, its device."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_ranks() -> tuple[int, int, int]:
+    """(rank, world size, local rank) set by torchrun; (0, 1, 0) for a plain ``python`` launch."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def select_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` -> a device; CUDA picks GPU ``local_rank`` (one GPU per process)."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        return device
+    return torch.device(name)
+
+
+def init_distributed(device_name: str) -> tuple[Dist, bool]:
+    """Join (or create) the default process group. Returns (this process, whether we created the
+    group, so the caller destroys it). Under torchrun the group spans its processes; in a plain
+    ``python`` launch it is a group of one (in-memory store), so ddp/fsdp also run in one process."""
+    rank, world_size, local_rank = env_ranks()
+    device = select_device(device_name, local_rank)
+    if dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size(), device), False
+    # CUDA tensors go through NCCL; CPU tensors (checkpoint metadata, CPU offload) through gloo.
+    backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
+    device_id = device if device.type == "cuda" else None
+    if "RANK" in os.environ:
+        dist.init_process_group(backend, device_id=device_id)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id)
+    return Dist(dist.get_rank(), dist.get_world_size(), device), True
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over the processes (``x`` itself without a process group)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x /= dist.get_world_size()
+    return x
