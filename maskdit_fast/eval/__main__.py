@@ -1,5 +1,6 @@
-"""Command line: `python -m maskdit_fast.eval {metrics,stats,mnist,mnist-ref} ...`.
+"""Command line: `python -m maskdit_fast.eval {generate,metrics,stats,mnist,mnist-ref} ...`.
 
+    generate --ckpt C --out DIR         the sample batch (DIR/samples.npz), resumable, under torchrun too
     metrics SAMPLES.npz REFERENCE.npz   FID, sFID, IS, precision/recall (Inception-v3, ADM protocol)
     stats REF.npz OUT.npz               reference statistics of an ADM image batch, for `metrics`
     mnist SAMPLES.npz [--labels ...]    MNIST classifier accuracy and Fréchet distance
@@ -13,6 +14,7 @@ import argparse
 import numpy as np
 import torch
 
+from maskdit_fast.eval import generate_samples
 from maskdit_fast.eval.images import load_npz_images, to_uint8_nhwc
 from maskdit_fast.eval.metrics import (
     INCEPTION_WEIGHTS_ENV,
@@ -21,7 +23,11 @@ from maskdit_fast.eval.metrics import (
     evaluate_npz,
     write_reference_stats,
 )
-from maskdit_fast.eval.mnist_classifier import get_mnist_classifier, mnist_metrics, mnist_split
+from maskdit_fast.eval.mnist_classifier import (
+    get_mnist_classifier,
+    mnist_metrics,
+    mnist_split,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate generated samples: Inception metrics (ADM protocol) and MNIST metrics.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser(
+        "generate",
+        help="sample a checkpoint into DIR/samples.npz (ADM layout): seeded, resumable, multi-GPU under torchrun",
+    )
+    generate_samples.add_arguments(generate)
+    generate.set_defaults(handler=_run_generate)
 
     def add_inception_options(command: argparse.ArgumentParser) -> None:
         command.add_argument(
@@ -71,6 +84,10 @@ def _print_results(results: dict[str, float | int | None]) -> None:
         print(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
 
 
+def _run_generate(args: argparse.Namespace) -> None:
+    generate_samples.generate_samples(generate_samples.request_from_args(args))
+
+
 def _run_metrics(args: argparse.Namespace) -> None:
     extractor = InceptionV3(args.inception_weights, args.device)
     _print_results(evaluate_npz(args.samples, args.reference, extractor, args.batch_size))
@@ -106,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.handler(args)
-    except FeatureExtractorUnavailable as error:
+    except (FeatureExtractorUnavailable, generate_samples.GenerateError) as error:
         parser.exit(2, f"error: {error}\n")
 
 
