@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -35,12 +36,14 @@ def train_main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     if args.resume and args.init_from:
         parser.error("--resume and --init-from exclude each other")
-    if args.init_from and not Path(args.init_from).is_file():
-        parser.error(f"--init-from {args.init_from}: no such file")
+    if args.init_from and not Path(args.init_from).exists():
+        parser.error(f"--init-from {args.init_from}: no such checkpoint")
     from .train.trainer import train
 
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     final = train(cfg, out, resume=args.resume, init_from=args.init_from, progress=not args.no_progress)
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun rank 0 reports
+        return 0
     print(f"EMA weights: {final}\nsamples: {out / 'samples'}\nmetrics: {out / 'metrics.jsonl'}")
     if cfg.data.dataset == "mnist" and cfg.model.num_classes == 10 and args.eval_samples > 0:
         report = mnist_quality(final, cfg, args.eval_samples)

@@ -101,16 +101,27 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "mnist"             # mnist (bundled) | latents (pre-encoded VAE latents)
-    path: Optional[str] = None         # data location for dataset=latents
+    dataset: str = "mnist"             # mnist (bundled) | latents (VAE latent shards, see docs/data.md)
+    path: Optional[str] = None         # dataset=latents: folder written by python -m maskdit_fast.data.prepare
     flip: bool = False                 # random horizontal flips
     vae: Optional[str] = None          # latent data: AutoencoderKL id or local folder used to decode samples
-    latent_scale: float = 0.18215      # latent = scale * VAE posterior sample
+    latent_scale: float = 0.18215      # latent = scale * VAE posterior sample (must match the folder's meta.json)
+    loader: str = "torch"              # dataset=latents: torch (memory-mapped shards) | dali (NVIDIA DALI reader)
+    num_workers: int = 2               # loader=torch: DataLoader worker processes (0 = read in the training process)
+    verify: bool = False               # dataset=latents: check every shard's sha256 at start (reads the whole set)
+    shuffle_buffer: int = 8192         # loader=dali: samples in the reader's shuffle buffer (initial_fill)
+    dali_threads: int = 4              # loader=dali: CPU threads of the pipeline
 
     def __post_init__(self) -> None:
         _one_of(self.dataset, "data.dataset", ("mnist", "latents"))
         _require(self.latent_scale > 0, "data.latent_scale", "must be positive")
         _require(self.dataset != "latents" or self.path is not None, "data.path", "dataset=latents needs data.path")
+        _one_of(self.loader, "data.loader", ("torch", "dali"))
+        _require(self.loader == "torch" or self.dataset == "latents", "data.loader",
+                 "dali reads latent shards: it needs data.dataset=latents")
+        _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _require(self.shuffle_buffer > 0, "data.shuffle_buffer", "must be positive")
+        _require(self.dali_threads > 0, "data.dali_threads", "must be positive")
 
 
 @dataclass
@@ -137,7 +148,8 @@ class TrainConfig:
     grad_clip: float = 0.0             # 0 = off
     ema_decay: float = 0.9999
     ema_warmup: bool = False           # decay = min(ema_decay, (1+step)/(10+step)) for short runs
-    unmasked_steps: int = 0            # last steps trained with mask_ratio 0 (in-run unmasked fine-tune)
+    unmasked_steps: int = 0            # last steps trained with mask_ratio 0 (in-run unmasked fine-tune);
+                                       # more than max_steps = the whole (short) run unmasked
     precision: str = "auto"            # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     tf32: bool = True
     device: str = "auto"               # auto | cpu | cuda
@@ -166,7 +178,7 @@ class TrainConfig:
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas", "needs two values in [0, 1)")
         _require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = off)")
         _require(0 <= self.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
-        _require(0 <= self.unmasked_steps <= self.max_steps, "train.unmasked_steps", "must be in [0, train.max_steps]")
+        _require(self.unmasked_steps >= 0, "train.unmasked_steps", "must be >= 0")
         _one_of(self.precision, "train.precision", ("auto", "bf16", "fp16", "fp32"))
         _one_of(self.device, "train.device", ("auto", "cpu", "cuda"))
         _require(self.keep_last >= 0, "train.keep_last", "must be >= 0 (0 = keep all)")
