@@ -101,24 +101,35 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "mnist"             # mnist (bundled) | latents (VAE latent shards, see docs/data.md)
-    path: Optional[str] = None         # dataset=latents: folder written by python -m maskdit_fast.data.prepare
+    dataset: str = "mnist"             # mnist (bundled) | latents (VAE latents, see docs/data.md)
+    source: str = "shards"             # dataset=latents: shards (pre-encoded by maskdit_fast.data.prepare) |
+                                       # images (an image folder, encoded on the fly with data.vae)
+    path: Optional[str] = None         # dataset=latents: the latent folder (source=shards) or image folder (images)
     flip: bool = False                 # random horizontal flips
-    vae: Optional[str] = None          # latent data: AutoencoderKL id or local folder used to decode samples
-    latent_scale: float = 0.18215      # latent = scale * VAE posterior sample (must match the folder's meta.json)
-    loader: str = "torch"              # dataset=latents: torch (memory-mapped shards) | dali (NVIDIA DALI reader)
-    num_workers: int = 2               # loader=torch: DataLoader worker processes (0 = read in the training process)
-    verify: bool = False               # dataset=latents: check every shard's sha256 at start (reads the whole set)
+    vae: Optional[str] = None          # AutoencoderKL id or local folder: decodes samples; encodes for source=images
+                                       # (None with source=shards: the one named in the folder's meta.json)
+    latent_scale: float = 0.18215      # latent = scale * VAE posterior sample (must match the folder's / VAE's)
+    loader: str = "torch"              # dataset=latents: torch (memory-mapped shards; PIL for images) |
+                                       # dali (NVIDIA DALI reader; DALI's image decoder for images)
+    num_workers: int = 2               # loader=torch: DataLoader worker processes (0 = read in the training process);
+                                       # source=images: decoding / crop threads
+    verify: bool = False               # source=shards: check every shard's sha256 at start (reads the whole set)
     shuffle_buffer: int = 8192         # loader=dali: samples in the reader's shuffle buffer (initial_fill)
     dali_threads: int = 4              # loader=dali: CPU threads of the pipeline
 
     def __post_init__(self) -> None:
         _one_of(self.dataset, "data.dataset", ("mnist", "latents"))
+        _one_of(self.source, "data.source", ("shards", "images"))
         _require(self.latent_scale > 0, "data.latent_scale", "must be positive")
-        _require(self.dataset != "latents" or self.path is not None, "data.path", "dataset=latents needs data.path")
+        _require(self.dataset != "latents" or self.path is not None, "data.path",
+                 "dataset=latents needs data.path (a folder written by prepare, or an image folder with source=images)")
+        _require(self.source == "shards" or self.dataset == "latents", "data.source",
+                 "images are encoded to VAE latents: source=images needs data.dataset=latents")
+        _require(self.source == "shards" or self.vae is not None, "data.vae",
+                 "source=images encodes with the VAE: set data.vae (e.g. stabilityai/sd-vae-ft-ema or a local folder)")
         _one_of(self.loader, "data.loader", ("torch", "dali"))
         _require(self.loader == "torch" or self.dataset == "latents", "data.loader",
-                 "dali reads latent shards: it needs data.dataset=latents")
+                 "dali reads latent shards or decodes images: it needs data.dataset=latents")
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _require(self.shuffle_buffer > 0, "data.shuffle_buffer", "must be positive")
         _require(self.dali_threads > 0, "data.dali_threads", "must be positive")

@@ -12,6 +12,7 @@ the final parameters equal those of an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.fsdp import FSDPModule
@@ -31,7 +33,8 @@ import kernels
 from ..checkpoint import build_net, ema_metadata, load_checkpoint, save_safetensors
 from ..config import Config, ConfigError, config_to_dict
 from ..data import load_mnist
-from ..data.sampler import EpochBatches, micro_batch_seed, split_global_batch
+from ..data.loader import build_loader
+from ..data.sampler import micro_batch_seed, split_global_batch
 from ..diffusion.loss import edm_loss
 from ..eval.images import to_uint8_nhwc
 from ..generate import generate, save_grid
@@ -64,10 +67,11 @@ def learning_rate(cfg: Config, step: int) -> float:
 
 
 def load_dataset(cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole training set on ``device``: images (N, C, H, W), labels (N,) int64."""
+    """The whole (in-memory) training set on ``device``: images (N, C, H, W), labels (N,) int64.
+    Only for the bundled MNIST; the trainer reads every data set through ``data.loader.build_loader``."""
     if cfg.data.dataset != "mnist":
-        raise NotImplementedError("data.dataset=latents (pre-encoded ImageNet latents) is not implemented yet; "
-                                  "only the bundled data.dataset=mnist is available in this version")
+        raise NotImplementedError("data.dataset=latents is read shard by shard, not held in memory: use "
+                                  "maskdit_fast.data.loader.build_loader")
     images, labels = load_mnist(device)
     m = cfg.model
     if (m.in_channels, m.input_size) != tuple(images.shape[1:3]) or m.num_classes not in (0, 10):
@@ -83,8 +87,12 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def write_sample_grid(cfg: Config, ema_net, path: Path) -> None:
-    """A grid of EMA samples, one row per class (up to 10 classes), fixed seeds."""
+    """A grid of EMA samples, one row per class (up to 10 classes), fixed seeds. Latent models
+    need ``data.vae`` to decode them; without it no grid is written."""
     m = cfg.model
+    if not cfg.data.vae and m.in_channels not in (1, 3):
+        log.info("no sample grid at %s: set data.vae to decode the model's %d-channel latents", path.name, m.in_channels)
+        return
     per_row = cfg.sample.grid_per_class
     rows = min(m.num_classes, 10) if m.num_classes else 8
     classes = None
@@ -95,7 +103,12 @@ def write_sample_grid(cfg: Config, ema_net, path: Path) -> None:
     images = generate(ema_net, seeds, classes, cfg.sample)
     if cfg.data.vae:
         from ..data.vae import decode_latents, load_vae
-        images = decode_latents(load_vae(cfg.data.vae, next(ema_net.parameters()).device), images, cfg.data.latent_scale)
+        try:
+            vae = load_vae(cfg.data.vae, next(ema_net.parameters()).device)
+        except RuntimeError as err:  # e.g. a hub id on an offline node: not worth stopping the run for
+            log.warning("no sample grid at %s: %s", path.name, err)
+            return
+        images = decode_latents(vae, images, cfg.data.latent_scale)
     save_grid(to_uint8_nhwc(images), path, nrow=per_row)
 
 
@@ -115,16 +128,20 @@ def _initialise_from(path: str, net, ema: EMA) -> None:
         raise RuntimeError(f"--init-from {path}: its architecture does not match this config's model: {err}") from None
 
 
-def _restore(path: Path, cfg: Config, env: Dist, net, optimizer, ema: EMA, scaler) -> int:
+def _restore(path: Path, cfg: Config, env: Dist, net, optimizer, ema: EMA, scaler) -> tuple[int, bytes | None]:
     """Collective: load the training state at ``path`` into the (wrapped, maybe sharded) objects;
-    returns its step. The checkpoint may come from another number of processes."""
+    returns its step and this rank's saved loader state (None if there is none). The checkpoint may
+    come from another number of processes."""
     if path.is_file():
         raise ValueError(f"cannot resume {path}: it is a single-file state of an earlier version; resume it with "
                          "that version, or start a new run from its weights with --init-from")
     model_sd, optim_sd = get_state_dict(net, optimizer)
     rank_key = f"rank{env.rank}"
-    state = {"model": model_sd, "optimizer": optim_sd, "ema": get_model_state_dict(ema.model),
-             "rng": {rank_key: rng_state(env.device)}}
+    rng = rng_state(env.device)
+    saved_loader = FileSystemReader(str(path)).read_metadata().state_dict_metadata.get(f"rng.{rank_key}.loader")
+    if saved_loader is not None:  # a stateful loader's bytes, of the length it had
+        rng["loader"] = torch.empty(saved_loader.size, dtype=torch.uint8)
+    state = {"model": model_sd, "optimizer": optim_sd, "ema": get_model_state_dict(ema.model), "rng": {rank_key: rng}}
     meta = load_into(path, state)
     saved = meta["config"]
     if saved["model"] != config_to_dict(cfg.model):
@@ -136,10 +153,13 @@ def _restore(path: Path, cfg: Config, env: Dist, net, optimizer, ema: EMA, scale
     set_state_dict(net, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     set_model_state_dict(ema.model, state["ema"])
     scaler.load_state_dict(meta["scaler"])
+    loader_state = None
     if rank_key in state.get("rng", {}):
         set_rng_state(state["rng"][rank_key], env.device)
+        if "loader" in state["rng"][rank_key]:  # the loader checks that it fits this run's split
+            loader_state = state["rng"][rank_key]["loader"].numpy().tobytes()
     log.info("resumed from %s at step %d (written by %d processes)", path, meta["step"], meta["world_size"])
-    return meta["step"]
+    return meta["step"], loader_state
 
 
 def _ema_for_sampling(cfg: Config, ema: EMA, env: Dist) -> tuple[torch.nn.Module | None, dict | None]:
@@ -154,6 +174,16 @@ def _ema_for_sampling(cfg: Config, ema: EMA, env: Dist) -> tuple[torch.nn.Module
         net = build_net(cfg.model)
     net.load_state_dict(weights)
     return net.to(env.device).eval().requires_grad_(False), weights
+
+
+def _nonfinite_sources(data, inputs: list) -> list[str]:
+    """Where this rank's non-finite input samples come from (files, records): corrupted data."""
+    sources = []
+    for _, idx, x, _ in inputs:
+        bad = ~torch.isfinite(x).flatten(1).all(1)
+        if bad.any():
+            sources += data.describe(idx[bad].cpu().numpy())
+    return sources
 
 
 def _save_nonfinite_batch(out_dir: Path, step: int, rank: int, value: float, inputs: list) -> Path:
@@ -207,8 +237,10 @@ def _train(cfg: Config, out_dir: Path, env: Dist, resume: bool, init_from: str |
     state_path = latest_training_state(out_dir) if resume else None
     if latest_training_state(out_dir) is not None and not resume:
         raise FileExistsError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
-    images, labels = load_dataset(cfg, device)
-    batches = EpochBatches(images.shape[0], t.global_batch, t.seed)
+    data = build_loader(cfg, device, env.rank, env.world_size, micro, accumulation)
+    if not cfg.data.vae and data.vae:  # grids and sample.py decode with the VAE that made the latents
+        log.info("data.vae: %s (from %s/meta.json)", data.vae, cfg.data.path)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, vae=data.vae))
     raw = build_net(cfg.model).to(device).train()
     ema = EMA(raw, t.ema_decay, t.ema_warmup)
     if init_from and not resume:
@@ -217,11 +249,12 @@ def _train(cfg: Config, out_dir: Path, env: Dist, resume: bool, init_from: str |
     optimizer = torch.optim.AdamW(net.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
                                   fused=device.type == "cuda" and not t.fsdp_cpu_offload)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    start = 0
+    start, loader_state = 0, None
     if state_path is not None:
-        start = _restore(state_path, cfg, env, net, optimizer, ema, scaler)
+        start, loader_state = _restore(state_path, cfg, env, net, optimizer, ema, scaler)
     elif resume:
         log.info("--resume: no checkpoint in %s, starting from scratch", out_dir)
+    data.start(start, t.max_steps, loader_state)
     barrier()  # every rank has checked the run directory before rank 0 writes to it
 
     metrics_file = None
@@ -236,8 +269,12 @@ def _train(cfg: Config, out_dir: Path, env: Dist, resume: bool, init_from: str |
 
     def checkpoint(step: int, ema_weights: dict | None) -> None:
         model_sd, optim_sd = get_state_dict(net, optimizer)
+        rng = rng_state(device)
+        loader_state = data.state()
+        if loader_state is not None:  # a stateful loader (DALI): its reader position, per rank
+            rng["loader"] = torch.frombuffer(bytearray(loader_state), dtype=torch.uint8).clone()
         state = {"model": model_sd, "optimizer": optim_sd, "ema": get_model_state_dict(ema.model),
-                 "rng": {f"rank{env.rank}": rng_state(device)}}
+                 "rng": {f"rank{env.rank}": rng}}
         config = config_to_dict(cfg)
         meta = {"step": step, "world_size": env.world_size, "scaler": scaler.state_dict(), "config": config}
         save_training_state(out_dir, step, state, meta, t.keep_last, env.is_main)
@@ -254,12 +291,10 @@ def _train(cfg: Config, out_dir: Path, env: Dist, resume: bool, init_from: str |
             group["lr"] = lr
         step_terms = torch.zeros(3, device=device)
         inputs = []  # this rank's micro-batches, saved if the loss is not finite
-        for a, (j, idx) in enumerate(batches.micro_batches(step, env.rank, env.world_size, accumulation)):
+        for a, (j, idx, x, y) in enumerate(data.step(step)):
             if split:
                 torch.manual_seed(micro_batch_seed(t.seed, step, j))
-            idx = idx.to(device)
-            x, y = images[idx], labels[idx]
-            if cfg.data.flip:
+            if cfg.data.flip and not data.flips:
                 flip = torch.rand(x.shape[0], device=device) < 0.5
                 x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
             if cfg.model.num_classes == 0:
@@ -285,6 +320,11 @@ def _train(cfg: Config, out_dir: Path, env: Dist, resume: bool, init_from: str |
             sums += step_terms
         elif t.nonfinite == "stop":
             path = _save_nonfinite_batch(out_dir, done, env.rank, value, inputs)
+            sources = _nonfinite_sources(data, inputs)
+            if sources:
+                raise FloatingPointError(f"loss is {value} at step {done}: the input latents of {len(sources)} "
+                                         f"sample(s) are not finite, the data is corrupted: {', '.join(sources[:5])}; "
+                                         "check it with python -m maskdit_fast.data.latents verify DIR")
             raise FloatingPointError(f"loss is {value} at step {done}; its batch is saved as "
                                      f"{path.parent}/step-{done:07d}-rank*.pt; lower train.lr, use "
                                      "train.precision=fp32, or set train.nonfinite=skip to skip such steps")
@@ -292,7 +332,8 @@ def _train(cfg: Config, out_dir: Path, env: Dist, resume: bool, init_from: str |
             optimizer.zero_grad(set_to_none=True)
             window_skipped += 1
             skipped += 1
-            log.warning("step %d: loss is %s, step skipped (train.nonfinite=skip)", done, value)
+            log.warning("step %d: loss is %s, step skipped (train.nonfinite=skip)%s", done, value,
+                        "".join(f"; non-finite input: {s}" for s in _nonfinite_sources(data, inputs)[:5]))
         window_steps += 1
 
         if done % t.log_every == 0 or done == t.max_steps:
@@ -326,4 +367,5 @@ def _train(cfg: Config, out_dir: Path, env: Dist, resume: bool, init_from: str |
         window_start += time.perf_counter() - paused
     if metrics_file is not None:
         metrics_file.close()
+    data.close()
     return out_dir / "ema.safetensors"
