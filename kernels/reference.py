@@ -48,13 +48,21 @@ def gated_residual_layernorm_modulate(
     return residual, layernorm_modulate(residual, shift, scale, eps)
 
 
+def _flat_ids(ids_keep: torch.Tensor, length: int) -> torch.Tensor:
+    """(N, K) token indices per row -> (N*K,) row indices into the batch flattened to (N*length, D)."""
+    offsets = torch.arange(ids_keep.shape[0], device=ids_keep.device).unsqueeze(1) * length
+    return (ids_keep + offsets).reshape(-1)
+
+
+# Both token ops index the batch flattened to (N*L, D): index_select / index_copy move whole rows and
+# are several times faster on a CPU than torch.gather / scatter with an index expanded over D.
 def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
     """``out[n, k] = x[n, ids_keep[n, k]] (+ pos[ids_keep[n, k]])``.
 
     x: (N, L, D); ids_keep: (N, K) int64; pos: (L, D) or None -> (N, K, D).
     """
-    index = ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-    out = torch.gather(x, 1, index)
+    n, length, d = x.shape
+    out = x.reshape(n * length, d).index_select(0, _flat_ids(ids_keep, length)).view(n, ids_keep.shape[1], d)
     if pos is not None:
         out = out + pos[ids_keep].to(out.dtype)
     return out
@@ -72,13 +80,17 @@ def scatter_tokens(
     x_keep: (N, K, D); ids_keep: (N, K) int64 (unique per row); fill: (D,); pos: (L, D) or None
     -> (N, length, D).
     """
-    n, _, d = x_keep.shape
-    out = fill.to(x_keep.dtype).expand(n, length, d)
-    index = ids_keep.unsqueeze(-1).expand(-1, -1, d)
-    out = out.scatter(1, index, x_keep)
-    if pos is not None:
-        out = out + pos.to(out.dtype)
-    return out
+    n, k, d = x_keep.shape
+    dtype = x_keep.dtype
+    rows = x_keep.reshape(n * k, d)
+    # One pass writes the whole output (fill, + pos), then the kept rows overwrite their places.
+    if pos is None:
+        out = fill.to(dtype).expand(n * length, d).clone()  # a new tensor, also when it is one row
+    else:
+        pos = pos.to(dtype)
+        out = (fill.to(dtype) + pos.expand(n, length, d)).reshape(n * length, d)
+        rows = (_wide(rows) + _wide(pos).index_select(0, ids_keep.reshape(-1))).to(dtype)  # pos's grad sums in fp32
+    return out.index_copy_(0, _flat_ids(ids_keep, length), rows).view(n, length, d)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

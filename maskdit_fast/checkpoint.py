@@ -14,12 +14,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig, config_to_dict, model_config_from_dict
+from .data.vae import LATENT_SCALE
 from .diffusion.edm import EDMPrecond
 from .models import build_model
 from .train.state import atomic_write, latest_training_state, load_training_state
@@ -77,29 +79,49 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelCo
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> EDMPrecond:
-    """The EMA network of a safetensors checkpoint or training state, in eval mode on ``device``."""
+    """The EMA network of a safetensors checkpoint or training state, in eval mode on ``device``.
+
+    A DyDiT fine-tune's safetensors (a ``dydit`` metadata entry) gives the DyDiT network, whose
+    eval mode runs the sliced / packed fast path (:mod:`maskdit_fast.dydit`)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    metadata: dict[str, str] = {}
     if path.suffix == ".safetensors":
-        state, cfg, _ = read_safetensors(path)
+        state, cfg, metadata = read_safetensors(path)
     else:
         training = load_training_state(path, parts=("ema",))
         state, cfg = training["ema"], model_config_from_dict(training["config"]["model"])
-    net = build_net(cfg)
+    if "dydit" in metadata:
+        from .dydit.checkpoint import dydit_net  # imported here: maskdit_fast.dydit builds on this module
+        net = dydit_net(cfg, metadata)
+    else:
+        net = build_net(cfg)
     net.load_state_dict(state)
     return net.to(device).eval().requires_grad_(False)
 
 
-def sample_settings(path: str | Path) -> tuple[dict, str | None]:
-    """Sampler settings and VAE stored with a checkpoint (defaults: 18 Heun steps, no guidance)."""
+class StoredSampling(NamedTuple):
+    """What a checkpoint says about sampling it: sampler settings (a ``SampleConfig`` dict), the VAE
+    that decodes a latent model (hub id or folder; None for pixel models) and its latent scale."""
+
+    sampler: dict
+    vae: str | None
+    latent_scale: float
+
+
+def sample_settings(path: str | Path) -> StoredSampling:
+    """Sampler settings, VAE and latent scale stored with a checkpoint (defaults: 18 Heun steps, no
+    guidance, Stable Diffusion's scale 0.18215)."""
     settings = {"num_steps": 18, "cfg_scale": 1.0}
     if Path(path).suffix == ".safetensors":
         _, _, metadata = read_safetensors(path)
         settings.update(json.loads(metadata.get("sample_config", "{}")))
-        return settings, json.loads(metadata.get("vae", "null"))
+        return StoredSampling(settings, json.loads(metadata.get("vae", "null")),
+                              float(json.loads(metadata.get("latent_scale", "null")) or LATENT_SCALE))
     config = load_training_state(path, parts=())["config"]
-    return {**settings, **config["sample"]}, config["data"].get("vae")
+    return StoredSampling({**settings, **config["sample"]}, config["data"].get("vae"),
+                          float(config["data"].get("latent_scale") or LATENT_SCALE))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,7 +73,8 @@ def mnist_quality(ckpt: Path, cfg, n: int) -> dict:
 
 def sample_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Sample a trained checkpoint: a PNG grid and an ADM-layout .npz.",
+        description="Sample a trained checkpoint (DiT, MaskDiT or DyDiT): a PNG grid, an ADM-layout .npz and the "
+                    "FLOPs the sampling executed (flops.json).",
         epilog="Under torchrun (torchrun --nproc_per_node N sample.py ...) each process samples a contiguous share "
                "of the seeds on its own GPU and rank 0 writes the outputs; images do not depend on N.")
     parser.add_argument("--ckpt", required=True, help="EMA .safetensors (or a training state checkpoints/step-*)")
@@ -95,6 +96,7 @@ def sample_main(argv: list[str] | None = None) -> int:
 
     from .checkpoint import load_checkpoint, sample_settings
     from .config import SampleConfig
+    from .dydit import FlopsMeter
     from .eval.images import to_uint8_nhwc
     from .generate import generate, save_grid, save_npz, seed_labels
     from .train.dist import env_ranks, init_distributed, select_device
@@ -112,7 +114,7 @@ def sample_main(argv: list[str] | None = None) -> int:
             net = load_checkpoint(args.ckpt, device)
         except (FileNotFoundError, ValueError) as err:
             parser.error(str(err))
-        sample_cfg, vae = sample_settings(args.ckpt)
+        sample_cfg, vae, latent_scale = sample_settings(args.ckpt)
         overrides = {k: v for k, v in (("num_steps", args.steps), ("cfg_scale", args.cfg_scale), ("solver", args.solver))
                      if v is not None}
         try:
@@ -122,30 +124,36 @@ def sample_main(argv: list[str] | None = None) -> int:
         except (ConfigError, ValueError) as err:
             parser.error(str(err))
         vae = args.vae or vae
-        decode = net.model.cfg.in_channels == 4 and bool(vae)
-        if not decode and net.model.cfg.in_channels not in (1, 3):
-            print(f"no VAE given for a {net.model.cfg.in_channels}-channel latent model; pass --vae", file=sys.stderr)
+        decode = net.model.cfg.in_channels not in (1, 3)  # a latent model: images come from its VAE
+        if decode and not vae:
+            print(f"{args.ckpt} is a {net.model.cfg.in_channels}-channel latent model and names no VAE; pass --vae "
+                  "(an AutoencoderKL hub id such as stabilityai/sd-vae-ft-ema, or a local folder)", file=sys.stderr)
             return 2
         lo, hi = rank * args.n // world, (rank + 1) * args.n // world  # this process's seeds
-        images = generate(net, seeds[lo:hi], None if labels is None else labels[lo:hi], sample_cfg,
-                          batch_size=args.batch, progress=rank == 0)
+        with FlopsMeter(net) as meter:  # the FLOPs really executed (DyDiT: from its routers' decisions)
+            images = generate(net, seeds[lo:hi], None if labels is None else labels[lo:hi], sample_cfg,
+                              batch_size=args.batch, progress=rank == 0)
         if decode:
             from .data.vae import decode_latents, load_vae
-            images = decode_latents(load_vae(vae, device), images)
+            images = decode_latents(load_vae(vae, device), images, latent_scale)
         uint8 = to_uint8_nhwc(images)
         if world > 1:
             parts = [None] * world if rank == 0 else None
-            dist.gather_object(uint8, parts, dst=0)
+            dist.gather_object((uint8, meter.records), parts, dst=0)
             if rank != 0:
                 return 0
-            uint8 = np.concatenate(parts)
+            uint8 = np.concatenate([p[0] for p in parts])
+            meter.records = [r for p in parts for r in p[1]]
         out = Path(args.out)
         save_grid(uint8, out / "grid.png", nrow=min(args.n, 8 if labels is None or args.class_index is not None else 10))
         save_npz(out / "samples.npz", uint8, labels)
         settings = {"ckpt": str(args.ckpt), "n": args.n, "seed": args.seed, "class": args.class_index,
                     **vars(sample_cfg)}
         (out / "settings.json").write_text(json.dumps(settings, indent=2))
-        print(f"wrote {out / 'grid.png'} and {out / 'samples.npz'} ({args.n} images)")
+        flops = meter.summary(images=args.n)
+        (out / "flops.json").write_text(json.dumps(flops, indent=2))
+        print(f"wrote {out / 'grid.png'} and {out / 'samples.npz'} ({args.n} images); measured "
+              f"{flops['flops_per_image'] / 1e9:.4g} GFLOPs per image, {flops['ratio']:.3f}x the base model's")
         return 0
     finally:
         if created:

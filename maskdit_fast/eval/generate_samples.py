@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 import maskdit_fast
 from maskdit_fast.checkpoint import load_checkpoint, sample_settings
 from maskdit_fast.config import ConfigError, SampleConfig
-from maskdit_fast.data.vae import LATENT_SCALE, decode_latents, load_vae
+from maskdit_fast.data.vae import decode_latents, load_vae
 from maskdit_fast.eval.images import to_uint8_nhwc
 from maskdit_fast.generate import generate, seed_labels
 from maskdit_fast.train.dist import env_ranks, init_distributed, select_device
@@ -161,7 +161,7 @@ def _validate(req: GenerateRequest) -> None:
 def _generate(req: GenerateRequest, out: Path, rank: int, world: int, device: torch.device) -> GenerateSummary:
     try:
         net = load_checkpoint(req.ckpt, device)
-        stored, ckpt_vae = sample_settings(req.ckpt)
+        stored, ckpt_vae, latent_scale = sample_settings(req.ckpt)
         overrides = {k: v for k, v in (("num_steps", req.steps), ("cfg_scale", req.cfg_scale), ("solver", req.solver))
                      if v is not None}
         sample_cfg = SampleConfig(**{**stored, **overrides})
@@ -180,7 +180,7 @@ def _generate(req: GenerateRequest, out: Path, rank: int, world: int, device: to
     plan: dict = {}
     if rank == 0:
         try:
-            manifest = _manifest(req, sample_cfg, model_cfg.num_classes, vae, precision, world, device)
+            manifest = _manifest(req, sample_cfg, model_cfg.num_classes, vae, latent_scale, precision, world, device)
             plan = {"manifest": _prepare_out_dir(out, manifest), **_missing_work(out, req, n_chunks)}
         except GenerateError as err:
             plan = {"error": str(err)}
@@ -214,7 +214,7 @@ def _generate(req: GenerateRequest, out: Path, rank: int, world: int, device: to
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 x = generate(net, batch_seeds, batch_labels, sample_cfg, batch_size=len(batch_seeds))
             if vae_model is not None:
-                x = decode_latents(vae_model, x)  # outside autocast: the VAE decodes in fp32
+                x = decode_latents(vae_model, x, latent_scale)  # outside autocast: the VAE decodes in fp32
             images.append(to_uint8_nhwc(x))
             bar.update(len(batch_seeds))
         images = np.concatenate(images)
@@ -241,8 +241,8 @@ def _generate(req: GenerateRequest, out: Path, rank: int, world: int, device: to
     return summary
 
 
-def _manifest(req: GenerateRequest, cfg: SampleConfig, num_classes: int, vae: str | None, precision: str,
-              world: int, device: torch.device) -> dict:
+def _manifest(req: GenerateRequest, cfg: SampleConfig, num_classes: int, vae: str | None, latent_scale: float,
+              precision: str, world: int, device: torch.device) -> dict:
     labels = (f"class of image i = (seed_first + i) mod {num_classes} (seed_labels: class-balanced)" if num_classes
               else "none (unconditional model)")
     return {
@@ -264,7 +264,7 @@ def _manifest(req: GenerateRequest, cfg: SampleConfig, num_classes: int, vae: st
         "num_classes": num_classes,
         "chunk": req.chunk,
         "vae": vae,
-        "latent_scale": LATENT_SCALE if vae else None,
+        "latent_scale": latent_scale if vae else None,
         "quantisation": "uint8 = clip(x * 127.5 + 128, 0, 255), truncated (x in [-1, 1])",
         **_environment(req, world, device),
     }

@@ -22,7 +22,7 @@ class DiT(nn.Module):
         self.patch_size = cfg.patch_size
         self.num_patches = (cfg.input_size // cfg.patch_size) ** 2
         self.x_embedder = PatchEmbed(cfg.in_channels, d, cfg.patch_size)
-        self.t_embedder = TimestepEmbedder(d)
+        self.t_embedder = TimestepEmbedder(d, input_scale=cfg.noise_embed_scale)
         self.y_embedder = LabelEmbedder(cfg.num_classes, d, cfg.class_dropout) if cfg.num_classes > 0 else None
         # Frozen, derived from the config: a buffer that is not saved.
         self.register_buffer("pos_embed", sincos_pos_embed_2d(d, cfg.input_size // cfg.patch_size), persistent=False)
@@ -57,12 +57,16 @@ class DiT(nn.Module):
 
     def condition(self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
         """noise_labels: (N,) float; class_labels: (N,) int64 (``num_classes`` = none) or None -> c: (N, D)."""
-        c = self.t_embedder(noise_labels)
-        if self.y_embedder is not None:
-            if class_labels is None:
-                class_labels = torch.full_like(noise_labels, self.cfg.num_classes, dtype=torch.long)
-            c = c + self.y_embedder(class_labels)
-        return c
+        return self.add_class(self.t_embedder(noise_labels), class_labels)
+
+    def add_class(self, t_emb: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        """The blocks' conditioning from the timestep embedding t_emb (N, D): t_emb + class embedding
+        (none for unconditional models; ``class_labels`` None = "no class") -> c: (N, D)."""
+        if self.y_embedder is None:
+            return t_emb
+        if class_labels is None:
+            class_labels = torch.full(t_emb.shape[:1], self.cfg.num_classes, dtype=torch.long, device=t_emb.device)
+        return t_emb + self.y_embedder(class_labels)
 
     def forward(
         self,

@@ -81,4 +81,32 @@ def test_the_folders_vae_decodes_grids_and_is_recorded_for_sample_py(tmp_path, t
     assert cfg.data.vae is None
     ema = train(cfg, tmp_path / "run", progress=False)
     assert (tmp_path / "run" / "samples" / "step-0000002.png").is_file()
-    assert sample_settings(ema)[1] == str(tiny_vae)
+    assert sample_settings(ema).vae == str(tiny_vae)
+
+
+def test_sample_py_decodes_with_the_runs_latent_scale(tmp_path, tiny_vae):
+    """A run on latents of scale 0.5 (not SD's 0.18215): sample.py divides by 0.5 before decoding."""
+    import numpy as np
+
+    from maskdit_fast.checkpoint import load_checkpoint, sample_settings
+    from maskdit_fast.cli import sample_main
+    from maskdit_fast.config import SampleConfig
+    from maskdit_fast.data.vae import decode_latents, load_vae
+    from maskdit_fast.eval.images import to_uint8_nhwc
+    from maskdit_fast.generate import generate, seed_labels
+
+    make_latent_folder(tmp_path / "data", counts=(10,), shape=(4, 4, 4))
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    (tmp_path / "data" / "meta.json").write_text(json.dumps({**meta, "vae": str(tiny_vae), "latent_scale": 0.5}))
+    cfg = latent_config(tmp_path / "data", "model.input_size=4", "train.max_steps=2", "data.latent_scale=0.5")
+    ema = train(cfg, tmp_path / "run", progress=False)
+    stored = sample_settings(ema)
+    assert stored.latent_scale == 0.5 and stored.vae == str(tiny_vae)
+
+    assert sample_main(["--ckpt", str(ema), "--out", str(tmp_path / "out"), "--n", "3", "--steps", "2"]) == 0
+    written = np.load(tmp_path / "out" / "samples.npz")["arr_0"]
+    net, vae = load_checkpoint(ema), load_vae(str(tiny_vae))
+    seeds = [0, 1, 2]
+    latents = generate(net, seeds, seed_labels(seeds, 3), SampleConfig(**{**stored.sampler, "num_steps": 2}))
+    np.testing.assert_array_equal(written, to_uint8_nhwc(decode_latents(vae, latents, 0.5)))
+    assert not np.array_equal(written, to_uint8_nhwc(decode_latents(vae, latents, 0.18215)))

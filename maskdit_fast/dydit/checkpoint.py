@@ -1,0 +1,49 @@
+"""DyDiT checkpoints: the package's safetensors format plus a ``dydit`` metadata entry (the router
+config). ``maskdit_fast.checkpoint.load_checkpoint`` recognises the entry and rebuilds the dynamic
+network, so ``sample.py``, ``python -m maskdit_fast.eval generate`` and ``load_checkpoint`` take
+DyDiT files as they are; :func:`load_dydit` is the same with a check that the file is one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..checkpoint import load_checkpoint, save_safetensors
+from ..config import ModelConfig
+from ..diffusion.edm import EDMPrecond
+from .config import RouterConfig, router_config_from_dict
+from .model import build_dydit
+
+
+def save_dydit(path: str | Path, state: dict[str, torch.Tensor], cfg: ModelConfig, router: RouterConfig,
+               extra: dict | None = None) -> None:
+    """Write a DyDiT network's state dict with its model and router configs (atomic)."""
+    save_safetensors(path, state, cfg, {"dydit": dataclasses.asdict(router), **(extra or {})})
+
+
+def dydit_net(cfg: ModelConfig, metadata: dict[str, str]) -> EDMPrecond:
+    """A fresh DyDiT network for a checkpoint's model config and metadata (its ``dydit`` entry)."""
+    return build_dydit(cfg, router_config_from_dict(json.loads(metadata["dydit"])))
+
+
+def is_dydit(path: str | Path) -> bool:
+    """True if ``path`` is a safetensors checkpoint written by :func:`save_dydit`."""
+    if Path(path).suffix != ".safetensors" or not Path(path).is_file():
+        return False
+    with safe_open(str(path), framework="pt") as f:
+        return "dydit" in (f.metadata() or {})
+
+
+def load_dydit(path: str | Path, device: torch.device | str = "cpu") -> EDMPrecond:
+    """The DyDiT network of a checkpoint written by :func:`save_dydit`, in eval mode (fast path)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not is_dydit(path):
+        raise ValueError(f"{path} is not a DyDiT checkpoint (no 'dydit' metadata); convert a base model with "
+                         "maskdit_fast.dydit.to_dydit or fine-tune it: python -m maskdit_fast.dydit finetune")
+    return load_checkpoint(path, device)

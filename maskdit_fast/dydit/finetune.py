@@ -1,0 +1,211 @@
+"""DyDiT fine-tune: a trained DiT / MaskDiT learns where to spend compute.
+
+Objective per step (batch of N images):
+
+    loss = DSM(dynamic net)                                       (EDM denoising loss, no masking)
+         + flops_coef * (mean_n F_dyn(n) / F_static - lambda)^2   (lambda: 1 -> target over lambda_warmup)
+         + min_tokens_coef * sum_blocks max(0, min_tokens - mean token decision)
+         + distill_coef * EDM-weighted MSE(dynamic denoised, frozen base denoised)   (optional)
+
+FLOPs are those of the whole network (embedders, final layer and static blocks included, routers
+counted), so lambda is the FLOPs ratio the sampler will measure. EDM trains on
+ln(sigma) ~ N(P_mean, P_std^2), which rarely visits the high noise levels where the sampler spends
+half its steps; ``dydit.sampler_sigma_frac`` of each batch therefore takes its sigma from the
+sampler's own noise levels, so that the FLOPs target (and the quality of the thinned network)
+holds where the sampler runs it. (In DDPM, as in the paper, training and sampling timesteps are
+both uniform, and this mismatch does not arise.)
+
+Label dropout (classifier-free guidance) is applied here rather than inside the network, so that
+the distillation teacher sees the same labels as the student.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..checkpoint import ema_metadata, load_checkpoint
+from ..config import ConfigError, SampleConfig, config_to_dict
+from ..data.sampler import EpochBatches
+from ..diffusion.edm import EDMPrecond
+from ..diffusion.loss import edm_weight, sample_sigma
+from ..diffusion.samplers import edm_time_steps
+from ..train.dist import select_device
+from ..train.ema import EMA
+from ..train.trainer import (
+    AUTOCAST_DTYPES,
+    learning_rate,
+    load_dataset,
+    resolve_precision,
+    write_sample_grid,
+)
+from .checkpoint import save_dydit
+from .config import DyDiTConfig, DyDiTRunConfig
+from .flops import FlopsMeter, ModelFlops, model_flops
+from .model import routing_of, to_dydit
+
+log = logging.getLogger(__name__)
+
+
+def sampler_sigmas(sample: SampleConfig) -> torch.Tensor:
+    """The noise levels at which the EDM sampler evaluates the network, one entry per evaluation
+    (Heun evaluates every level but the first twice). Returns (E,) float32."""
+    t = edm_time_steps(sample.num_steps, sample.sigma_min, sample.sigma_max, sample.rho)[:-1].float()
+    if sample.solver == "heun":
+        t = torch.cat([t, t[1:]])
+    return t
+
+
+def training_sigmas(n: int, cfg: DyDiTRunConfig, levels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(N,) noise levels: EDM's log-normal, with a share ``dydit.sampler_sigma_frac`` from ``levels``."""
+    sigma = sample_sigma(n, cfg.loss.P_mean, cfg.loss.P_std, device)
+    k = round(cfg.dydit.sampler_sigma_frac * n)
+    if k:
+        pick = torch.randint(0, levels.numel(), (k,), device=device)
+        sigma = torch.cat([levels.to(device)[pick], sigma[k:]])
+    return sigma
+
+
+def dydit_loss(net: EDMPrecond, images: torch.Tensor, labels: torch.Tensor | None, lam: float, cfg: DyDiTRunConfig,
+               flops: ModelFlops, levels: torch.Tensor, teacher: EDMPrecond | None = None) -> dict[str, torch.Tensor]:
+    """One draw of the DyDiT objective; returns scalar terms (``loss`` is the one to minimise).
+
+    Labels are dropped here at the model's ``class_dropout`` rate, so ``net``'s own label dropout
+    must be off (``net.model.y_embedder.dropout = 0``, as :func:`finetune` sets it).
+    """
+    d: DyDiTConfig = cfg.dydit
+    n = images.shape[0]
+    embedder = net.model.y_embedder
+    if net.training and labels is not None and embedder is not None and embedder.dropout > 0:
+        raise ValueError("set net.model.y_embedder.dropout = 0: the fine-tune drops labels itself, "
+                         "so that the distillation teacher sees the same labels")
+    sigma = training_sigmas(n, cfg, levels, images.device)
+    s = sigma.view(-1, 1, 1, 1)
+    noisy = images + torch.randn_like(images) * s
+    dropout = net.model.cfg.class_dropout
+    if labels is not None and dropout > 0:
+        drop = torch.rand(n, device=images.device) < dropout
+        labels = torch.where(drop, torch.full_like(labels, net.num_classes), labels)
+    denoised = net(noisy, sigma, labels)
+    weight = edm_weight(s, net.sigma_data)
+    dsm = (weight * (denoised - images).pow(2)).mean()
+    routing = routing_of(net)
+    ratio = flops.ratio(routing)
+    flops_loss = d.flops_coef * (ratio.mean() - lam) ** 2
+    token_rates = torch.stack([r.tokens.mean() for r in routing])
+    min_tokens = F.relu(d.min_tokens - token_rates).sum()
+    loss = dsm + flops_loss + d.min_tokens_coef * min_tokens
+    terms = {"dsm": dsm.detach(), "flops_loss": flops_loss.detach(), "min_tokens": min_tokens.detach()}
+    if teacher is not None and d.distill_coef > 0:
+        with torch.no_grad():
+            target = teacher(noisy, sigma, labels)
+        distill = (weight * (denoised - target).pow(2)).mean()
+        loss = loss + d.distill_coef * distill
+        terms["distill"] = distill.detach()
+    terms.update(loss=loss, flops_ratio=ratio.detach().mean(),
+                 heads=torch.stack([r.heads.mean() for r in routing]).mean().detach(),
+                 groups=torch.stack([r.groups.mean() for r in routing]).mean().detach(),
+                 tokens=token_rates.mean().detach())
+    return terms
+
+
+def finetune(cfg: DyDiTRunConfig, init: str | Path, out_dir: str | Path, progress: bool = True) -> Path:
+    """Fine-tune the DiT / MaskDiT checkpoint ``init`` into a DyDiT; returns the EMA safetensors path.
+
+    Writes ``out_dir/ema.safetensors`` (every ``train.ckpt_every`` steps and at the end),
+    ``metrics.jsonl``, ``config.json`` and ``samples/final.png`` (+ ``samples/final-flops.json``).
+    """
+    out_dir = Path(out_dir)
+    t = cfg.train
+    if (out_dir / "ema.safetensors").exists():
+        raise FileExistsError(f"{out_dir} already holds a DyDiT run; choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = select_device(t.device)
+    precision = resolve_precision(t.precision, device)
+    if precision == "fp16":
+        raise ConfigError("train.precision: fp16 is not supported by the DyDiT fine-tune; use bf16 or fp32")
+    torch.manual_seed(t.seed)
+
+    base = load_checkpoint(init, device)
+    cfg.model = base.model.cfg
+    if cfg.model.arch == "maskdit" and cfg.model.mask_ratio > 0:
+        log.info("MaskDiT base: DyDiT fine-tunes its unmasked path (mask ratio 0)")
+    net = to_dydit(base, cfg.dydit.router()).train().requires_grad_(True)
+    if net.model.y_embedder is not None:
+        net.model.y_embedder.dropout = 0.0  # dydit_loss drops labels (at cfg.model.class_dropout)
+    teacher = base if cfg.dydit.distill_coef > 0 else None
+    flops = model_flops(net)
+    levels = sampler_sigmas(cfg.sample)
+    ema = EMA(net, t.ema_decay, t.ema_warmup)
+    routers = [p for name, p in net.named_parameters() if "_router." in name]
+    others = [p for name, p in net.named_parameters() if "_router." not in name]
+    optimizer = torch.optim.AdamW([{"params": others, "lr_scale": 1.0},
+                                   {"params": routers, "lr_scale": cfg.dydit.router_lr_scale}],
+                                  lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    images, labels = load_dataset(cfg, device)
+    batches = EpochBatches(images.shape[0], t.global_batch, t.seed)
+    autocast = (torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision]) if precision in AUTOCAST_DTYPES
+                else contextlib.nullcontext())
+    run_config = {**config_to_dict(cfg), "init": str(init)}
+    (out_dir / "config.json").write_text(json.dumps(run_config, indent=2))
+    extra = {**ema_metadata(run_config, 0), "base": str(init), "lambda": cfg.dydit.target}
+
+    def save(step: int) -> None:
+        save_dydit(out_dir / "ema.safetensors", ema.state_dict(), cfg.model, cfg.dydit.router(),
+                   {**extra, "step": step})
+
+    sums: dict[str, float] = {}
+    window_start, window_steps = time.perf_counter(), 0
+    with (out_dir / "metrics.jsonl").open("a") as metrics:
+        bar = tqdm(range(t.max_steps), disable=not progress, desc="dydit", dynamic_ncols=True)
+        for step in bar:
+            done = step + 1
+            lr = learning_rate(cfg, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            idx = batches(step).to(device)
+            x, y = images[idx], labels[idx]
+            if cfg.data.flip:
+                flip = torch.rand(x.shape[0], device=device) < 0.5
+                x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+            if cfg.model.num_classes == 0:
+                y = None
+            lam = cfg.dydit.lambda_at(step)
+            with autocast:
+                terms = dydit_loss(net, x, y, lam, cfg, flops, levels, teacher)
+            value = terms["loss"].item()
+            if not math.isfinite(value):
+                raise FloatingPointError(f"loss is {value} at step {done}")
+            terms["loss"].backward()
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), t.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.update(net, step)
+            for key, v in terms.items():
+                sums[key] = sums.get(key, 0.0) + float(v.detach())
+            window_steps += 1
+            if done % t.log_every == 0 or done == t.max_steps:
+                elapsed = time.perf_counter() - window_start
+                row = {"step": done, **{k: v / window_steps for k, v in sums.items()}, "lambda": lam, "lr": lr,
+                       "img_per_s": window_steps * t.global_batch / elapsed}
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                bar.set_postfix(loss=f"{row['loss']:.3f}", flops=f"{row['flops_ratio']:.2f}", lam=f"{lam:.2f}")
+                sums, window_start, window_steps = {}, time.perf_counter(), 0
+            if done % t.ckpt_every == 0 and done != t.max_steps:
+                save(done)
+    save(t.max_steps)
+    ema_net = ema.model.eval()
+    with FlopsMeter(ema_net) as meter:
+        write_sample_grid(cfg, ema_net, out_dir / "samples" / "final.png")
+    (out_dir / "samples" / "final-flops.json").write_text(json.dumps(meter.summary(), indent=2))
+    return out_dir / "ema.safetensors"
+

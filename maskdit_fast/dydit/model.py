@@ -1,0 +1,136 @@
+"""DyDiT networks: a trained DiT / MaskDiT whose blocks become :class:`DyDiTBlock`.
+
+``to_dydit(net, router_cfg)`` converts an EDM-preconditioned DiT or MaskDiT of this package: the
+weights are copied, the routers are added "all on", so the result computes exactly the base
+model's function until it is fine-tuned. MaskDiT runs its full-token (unmasked) path; its decoder
+blocks get routers too unless ``router_cfg.decoder`` is false.
+
+After every forward, ``model.routing`` holds the decisions of the dynamic blocks, in order
+(:class:`Routing` objects), which the FLOPs counter and the fine-tune losses read.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..diffusion.edm import EDMPrecond
+from ..models import DiT, MaskDiT
+from ..models.layers import unpatchify
+from .block import MODES, DyDiTBlock, Routing
+from .config import RouterConfig
+
+
+class _Dynamic:
+    """What DyDiT adds to DiT / MaskDiT: router bookkeeping and the timestep-aware conditioning."""
+
+    router_cfg: RouterConfig
+    routing: list[Routing]
+
+    def _make_dynamic(self, router: RouterConfig) -> None:
+        self.router_cfg = router
+        t_dim = self.cfg.hidden_size
+        self.blocks = nn.ModuleList(DyDiTBlock.from_block(b, t_dim, router) for b in self.blocks)
+        if isinstance(self, MaskDiT) and router.decoder:
+            self.decoder_blocks = nn.ModuleList(DyDiTBlock.from_block(b, t_dim, router) for b in self.decoder_blocks)
+        self.routing = []
+
+    def initialize_weights(self) -> None:
+        super().initialize_weights()  # DiT's init zeroes every Linear's bias: put the routers back to "all on"
+        for block in self.dynamic_blocks():
+            block.reset_routers()
+
+    def dynamic_blocks(self) -> list[DyDiTBlock]:
+        return [m for m in self.modules() if isinstance(m, DyDiTBlock)]
+
+    def set_mode(self, mode: str) -> None:
+        """``auto`` (masked in training, fast in eval), ``masked`` or ``fast`` for every block."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        for block in self.dynamic_blocks():
+            block.mode = mode
+
+    def _conditions(self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c, t_emb): the blocks' conditioning (as DiT.condition) and the timestep embedding alone."""
+        t_emb = self.t_embedder(noise_labels)
+        return self.add_class(t_emb, class_labels), t_emb
+
+    @staticmethod
+    def _run(blocks: nn.ModuleList, tokens: torch.Tensor, c: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        for block in blocks:
+            tokens = block(tokens, c, t_emb) if isinstance(block, DyDiTBlock) else block(tokens, c)
+        return tokens
+
+    def _collect(self) -> None:
+        self.routing = [b.routing for b in self.dynamic_blocks()]
+
+
+def _no_masking(ids_keep: torch.Tensor | None) -> None:
+    if ids_keep is not None:
+        raise ValueError("DyDiT runs on every token (MaskDiT's unmasked path); ids_keep must be None")
+
+
+class DyDiT(_Dynamic, DiT):
+    """DiT with TDW/SDT routers in every block."""
+
+    def __init__(self, cfg: ModelConfig, router: RouterConfig):
+        super().__init__(cfg)
+        self._make_dynamic(router)
+
+    def forward(self, x, noise_labels, class_labels=None, ids_keep=None):
+        _no_masking(ids_keep)
+        c, t_emb = self._conditions(noise_labels, class_labels)
+        tokens = self._run(self.blocks, self.x_embedder(x) + self.pos_embed.to(x.dtype), c, t_emb)
+        self._collect()
+        return unpatchify(self.final_layer(tokens, c), self.patch_size, self.in_channels)
+
+
+class DyMaskDiT(_Dynamic, MaskDiT):
+    """MaskDiT (full-token path) with routers in the encoder blocks and, optionally, the decoder's."""
+
+    def __init__(self, cfg: ModelConfig, router: RouterConfig):
+        super().__init__(cfg)
+        self._make_dynamic(router)
+
+    def forward(self, x, noise_labels, class_labels=None, ids_keep=None):
+        _no_masking(ids_keep)
+        c, t_emb = self._conditions(noise_labels, class_labels)
+        tokens = self.x_embedder(x)
+        tokens = self._run(self.blocks, tokens + self.pos_embed.to(tokens.dtype), c, t_emb)
+        tokens = self.decoder_layer(tokens, c)
+        tokens = tokens + self.decoder_pos_embed.to(tokens.dtype)
+        tokens = self._run(self.decoder_blocks, tokens, c, t_emb)
+        self._collect()
+        return unpatchify(self.final_layer(tokens, c), self.patch_size, self.in_channels)
+
+
+def build_dydit(cfg: ModelConfig, router: RouterConfig) -> EDMPrecond:
+    """A DyDiT network (preconditioned) for ``cfg``; weights random, routers all on."""
+    cls = DyMaskDiT if cfg.arch == "maskdit" else DyDiT
+    return EDMPrecond(cls(cfg, router), cfg.sigma_data)
+
+
+def to_dydit(net: EDMPrecond, router: RouterConfig | None = None) -> EDMPrecond:
+    """Convert a trained (preconditioned) DiT / MaskDiT into a DyDiT with every router on.
+
+    The returned network holds copies of ``net``'s weights (``net`` is untouched), on its device,
+    in its train/eval mode.
+    """
+    router = router or RouterConfig()
+    base = net.model
+    if isinstance(base, _Dynamic):
+        raise TypeError("this network is already a DyDiT")
+    with torch.random.fork_rng(devices=[]):  # building draws random weights; keep the caller's RNG
+        dyn = build_dydit(base.cfg, router)
+    missing, unexpected = dyn.model.load_state_dict(base.state_dict(), strict=False)
+    if unexpected or any("_router." not in k for k in missing):
+        raise RuntimeError(f"weights do not match the DyDiT network: missing {missing}, unexpected {unexpected}")
+    dyn.sigma_data = net.sigma_data
+    param = next(base.parameters())
+    return dyn.to(device=param.device, dtype=param.dtype).train(net.training)
+
+
+def routing_of(net: EDMPrecond | nn.Module) -> list[Routing]:
+    """The decisions of ``net``'s last forward (one :class:`Routing` per dynamic block)."""
+    model = net.model if isinstance(net, EDMPrecond) else net
+    return model.routing

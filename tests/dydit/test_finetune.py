@@ -1,0 +1,104 @@
+import json
+
+import pytest
+import torch
+
+from maskdit_fast.checkpoint import load_checkpoint, save_safetensors
+from maskdit_fast.cli import sample_main
+from maskdit_fast.dydit import (
+    load_dydit,
+    load_dydit_config,
+    model_flops,
+    routing_of,
+    to_dydit,
+)
+from maskdit_fast.dydit.__main__ import main
+from maskdit_fast.dydit.finetune import dydit_loss, sampler_sigmas, training_sigmas
+
+from .helpers import random_base
+
+TINY_RUN = ["train.max_steps=3", "train.global_batch=8", "train.log_every=1", "train.ckpt_every=2",
+            "sample.num_steps=2", "sample.grid_per_class=1", "dydit.lambda_warmup=2",
+            "dydit.width_bias=1", "dydit.token_bias=1", "dydit.token_ratio=4"]
+
+
+@pytest.fixture
+def base_ckpt(tmp_path):
+    net = random_base("maskdit")
+    path = tmp_path / "base.safetensors"
+    save_safetensors(path, net.state_dict(), net.model.cfg)
+    return path
+
+
+def test_sampler_sigmas_are_the_evaluated_levels():
+    cfg = load_dydit_config("dydit-0.5", ["sample.num_steps=5"])
+    levels = sampler_sigmas(cfg.sample)
+    assert levels.shape == (9,) and levels.max() == pytest.approx(80.0) and levels.min() == pytest.approx(0.002)
+    cfg = load_dydit_config("dydit-0.5", ["dydit.sampler_sigma_frac=0.5"])
+    sigma = training_sigmas(8, cfg, levels, torch.device("cpu"))
+    assert all(any(torch.isclose(s, levels).tolist()) for s in sigma[:4])
+
+
+def test_loss_terms_and_their_gradients():
+    cfg = load_dydit_config("dydit-0.5", ["dydit.width_bias=1", "dydit.token_bias=1", "dydit.distill_coef=0.5"])
+    base = random_base("dit")
+    net = to_dydit(base, cfg.dydit.router()).train()
+    cfg.model = base.model.cfg
+    images, labels = torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(ValueError, match="dropout"):
+        dydit_loss(net, images, labels, 0.3, cfg, model_flops(net), sampler_sigmas(cfg.sample), base)
+    net.model.y_embedder.dropout = 0.0
+    terms = dydit_loss(net, images, labels, 0.3, cfg, model_flops(net), sampler_sigmas(cfg.sample), base)
+    assert set(terms) >= {"loss", "dsm", "flops_loss", "min_tokens", "distill", "flops_ratio", "tokens"}
+    ratio = model_flops(net).ratio(routing_of(net)).mean()
+    assert terms["flops_loss"] == pytest.approx(2.0 * (ratio.item() - 0.3) ** 2)
+    terms["loss"].backward()
+    router = net.model.blocks[0].group_router.linear
+    assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+
+
+def test_min_token_penalty_bites_below_the_floor():
+    cfg = load_dydit_config("dydit-0.5", ["dydit.min_tokens=0.5"])
+    net = to_dydit(random_base("dit"), cfg.dydit.router()).train()
+    with torch.no_grad():
+        for block in net.model.dynamic_blocks():
+            block.token_router.fc2.bias.fill_(-20.0)
+    cfg.model = net.model.cfg
+    terms = dydit_loss(net, torch.randn(2, 1, 32, 32), None, 0.5, cfg, model_flops(net), sampler_sigmas(cfg.sample))
+    assert terms["min_tokens"] == pytest.approx(0.5 * cfg.model.depth)
+
+
+def test_finetune_and_sample_from_the_command_line(tmp_path, base_ckpt, capsys):
+    out = tmp_path / "run"
+    assert main(["finetune", "--init", str(base_ckpt), "--out", str(out), "--no-progress", *TINY_RUN]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[0]["lambda"] == 1.0 and rows[-1]["lambda"] == 0.5
+    assert (out / "samples" / "final.png").is_file()
+    net = load_dydit(out / "ema.safetensors")
+    assert net.model.router_cfg.token_ratio == 4
+    assert net.model.cfg == load_checkpoint(base_ckpt).model.cfg
+    assert "measured FLOPs" in capsys.readouterr().out
+    with pytest.raises(FileExistsError):
+        main(["finetune", "--init", str(base_ckpt), "--out", str(out), "--no-progress", *TINY_RUN])
+
+    samples = tmp_path / "samples"  # sample.py takes DyDiT checkpoints and reports the FLOPs it executed
+    assert sample_main(["--ckpt", str(out / "ema.safetensors"), "--out", str(samples), "--n", "4", "--steps", "2"]) == 0
+    flops = json.loads((samples / "flops.json").read_text())
+    assert (samples / "grid.png").is_file() and (samples / "samples.npz").is_file()
+    assert flops["rows"] == 2 * 3 * 4  # guidance doubles the rows, Heun with 2 steps evaluates 3 times
+    assert 0 < flops["ratio"] < 1.1 and len(flops["per_evaluation"]) == 3
+    assert flops["flops_per_image"] == pytest.approx(flops["total_flops"] / 4)
+    assert "x the base model" in capsys.readouterr().out
+
+    base_samples = tmp_path / "base-samples"
+    assert sample_main(["--ckpt", str(base_ckpt), "--out", str(base_samples), "--n", "2", "--steps", "2"]) == 0
+    assert json.loads((base_samples / "flops.json").read_text())["ratio"] == 1.0
+
+
+def test_cli_rejects_bad_overrides(tmp_path, base_ckpt):
+    with pytest.raises(SystemExit):
+        main(["finetune", "--init", str(base_ckpt), "--out", str(tmp_path / "x"), "dydit.target=7"])
+    with pytest.raises(SystemExit):
+        main(["finetune", "--init", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "x")])
+
