@@ -54,6 +54,7 @@ class ModelConfig:
     num_classes: int = 1000            # 0 = unconditional
     class_dropout: float = 0.1         # label dropout for classifier-free guidance
     class_embed_init_std: float = 0.02 # DiT's init; short runs learn the class signal faster from ~1
+    noise_embed_scale: float = 1.0     # c_noise = scale * ln(sigma) / 4 into the timestep embedder (1 = official)
     mlp_ratio: float = 4.0
     decoder_hidden_size: int = 512     # MaskDiT decoder
     decoder_depth: int = 8
@@ -82,6 +83,7 @@ class ModelConfig:
         _require(self.num_classes >= 0, "model.num_classes", "must be >= 0 (0 = unconditional)")
         _require(0.0 <= self.class_dropout < 1.0, "model.class_dropout", f"must be in [0, 1), got {self.class_dropout}")
         _require(self.class_embed_init_std > 0, "model.class_embed_init_std", "must be positive")
+        _require(self.noise_embed_scale > 0, "model.noise_embed_scale", "must be positive")
         _require(self.mlp_ratio > 0, "model.mlp_ratio", "must be positive")
         _require(0.0 <= self.mask_ratio < 1.0, "model.mask_ratio", f"must be in [0, 1), got {self.mask_ratio}")
         _require(self.arch == "maskdit" or self.mask_ratio == 0.0, "model.mask_ratio",
@@ -245,9 +247,21 @@ def resolve_config_path(name_or_path: str) -> Path:
     raise ConfigError(f"config {name_or_path!r} is neither a file nor a preset; presets: {known}")
 
 
+SIZE_DERIVED = ("hidden_size", "depth", "num_heads")  # filled from model.size unless given
+
+
 def _build(*sources: Any) -> Config:
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), *sources)
+        merged = OmegaConf.structured(Config)
+        for source in sources:
+            # A later model.size replaces the shape an earlier size filled in (model.size=S over an XL
+            # preset), but not a width/depth/heads that the same source gives explicitly.
+            model = source.get("model") or {}
+            if "size" in model:
+                for key in SIZE_DERIVED:
+                    if key not in model:
+                        merged.model[key] = None
+            merged = OmegaConf.merge(merged, source)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)

@@ -1,12 +1,25 @@
 import pytest
 
 from maskdit_fast.config import CONFIG_DIR, ConfigError, load_config
+from maskdit_fast.dydit import load_dydit_config
+
+# configs/dydit-*.yaml are DyDiT fine-tune presets (python -m maskdit_fast.dydit finetune --config dydit-0.5):
+# the training config plus a `dydit` section, read by the DyDiT loader.
+DYDIT_PRESETS = sorted(p.stem for p in CONFIG_DIR.glob("dydit-*.yaml"))
+TRAIN_PRESETS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem not in DYDIT_PRESETS)
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+@pytest.mark.parametrize("name", TRAIN_PRESETS)
 def test_every_preset_loads(name):
     cfg = load_config(name)
     assert cfg.model.hidden_size % cfg.model.num_heads == 0
+
+
+@pytest.mark.parametrize("name", DYDIT_PRESETS)
+def test_every_dydit_preset_loads_with_the_dydit_loader(name):
+    assert load_dydit_config(name).dydit.target == float(name.removeprefix("dydit-"))
+    with pytest.raises(ConfigError, match="dydit"):  # train.py refuses it, naming the section
+        load_config(name)
 
 
 def test_required_presets_exist_with_paper_values():
@@ -26,6 +39,21 @@ def test_overrides_are_typed_and_applied():
     assert cfg.model.mask_ratio == 0.25 and cfg.train.max_steps == 500 and isinstance(cfg.train.max_steps, int)
 
 
+@pytest.mark.parametrize("overrides,shape", [
+    (["model.size=S"], (384, 12, 6)),                    # the XL preset's shape is replaced, not kept
+    (["model.size=B", "model.depth=3"], (768, 3, 12)),   # an explicit value next to size wins
+    (["model.depth=4"], (1152, 4, 16)),                  # no size override: the preset's size fills the rest
+])
+def test_model_size_override_sets_the_shape(overrides, shape):
+    model = load_config("imagenet256-pretrain", overrides).model
+    assert (model.hidden_size, model.depth, model.num_heads) == shape
+
+
+def test_model_size_override_replaces_an_explicit_preset_shape():
+    model = load_config("mnist", ["model.size=S"]).model
+    assert (model.hidden_size, model.depth, model.num_heads) == (384, 12, 6)
+
+
 @pytest.mark.parametrize("override,key", [
     ("model.nonsense=1", "model.nonsense"),
     ("trian.max_steps=3", "trian"),
@@ -37,6 +65,7 @@ def test_overrides_are_typed_and_applied():
     ("train.precision=fp8", "train.precision"),
     ("sample.solver=rk45", "sample.solver"),
     ("train.global_batch=0", "train.global_batch"),
+    ("model.noise_embed_scale=0", "model.noise_embed_scale"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -38,22 +38,25 @@ def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
 
 
 class TimestepEmbedder(nn.Module):
-    """Scalar noise level -> (N, D): 256 sinusoidal frequencies (cos first), then MLP.
+    """Scalar noise level -> (N, D): 256 sinusoidal frequencies (cos first) of ``input_scale * t``, then MLP.
 
-    Always computed in float32 (small differences in c_noise matter).
+    Always computed in float32 (small differences in c_noise matter). EDM's c_noise = ln(sigma)/4 spans
+    only about [-2, 1], so most frequencies barely move; ``input_scale`` > 1 spreads it (1 = official).
     """
 
-    def __init__(self, hidden_size: int, frequency_dim: int = 256, max_period: float = 10000.0):
+    def __init__(self, hidden_size: int, frequency_dim: int = 256, max_period: float = 10000.0,
+                 input_scale: float = 1.0):
         super().__init__()
         self.frequency_dim = frequency_dim
         self.max_period = max_period
+        self.input_scale = input_scale
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """t: (N,) -> (N, D)."""
         half = self.frequency_dim // 2
         freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = t.float()[:, None] * freqs[None]
+        args = (t.float() * self.input_scale)[:, None] * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         with torch.autocast(device_type=t.device.type, enabled=False):
             return self.mlp(emb)

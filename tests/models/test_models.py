@@ -110,3 +110,13 @@ def test_unconditional_model_has_no_label_embedder():
     assert net(torch.randn(2, 1, 32, 32), 1.0).shape == (2, 1, 32, 32)
     with pytest.raises(ValueError, match="unconditional"):
         net(torch.randn(2, 1, 32, 32), 1.0, torch.tensor([1, 2]))
+
+
+def test_noise_embed_scale_scales_the_timestep_embedders_input():
+    """model.noise_embed_scale=s feeds s * c_noise to the sinusoids: the same as scaling t by hand."""
+    embedder = randomize(build_model(tiny_model_config(noise_embed_scale=250.0))).eval().t_embedder
+    t = torch.tensor([-1.3, 0.0, 0.4])
+    scaled = embedder(t)
+    embedder.input_scale = 1.0
+    torch.testing.assert_close(scaled, embedder(250.0 * t))
+    assert not torch.allclose(scaled, embedder(t))
