@@ -21,3 +21,24 @@ def tiny_model_config(**changes) -> ModelConfig:
     cfg = tiny_config().model
     values = {**cfg.__dict__, **changes}
     return ModelConfig(**values)
+
+
+def train_and_crash(cfg: Config, out_dir, crash_step: int, monkeypatch) -> None:
+    """Run ``train`` into ``out_dir`` and kill it (KeyboardInterrupt, not a clean exit) at the EMA
+    update of step ``crash_step`` (0-based), after the optimizer step and before anything is saved."""
+    import pytest
+
+    from maskdit_fast.train.ema import EMA
+    from maskdit_fast.train.trainer import train
+
+    real_update = EMA.update
+
+    def crash(self, model, step):
+        if step == crash_step:
+            raise KeyboardInterrupt("simulated crash")
+        real_update(self, model, step)
+
+    monkeypatch.setattr(EMA, "update", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out_dir, progress=False)
+    monkeypatch.setattr(EMA, "update", real_update)

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from maskdit_fast.data.latents import LatentFormatError, RecordLayout, write_meta, write_shard
-from maskdit_fast.train.ema import EMA
 from maskdit_fast.train.state import latest_training_state, load_training_state
 from maskdit_fast.train.trainer import train
 from tests.data.helpers import make_latent_folder
 from tests.data.test_train_latents import latent_config
+from tests.helpers import train_and_crash
 
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install -e '.[dali]')")
 from maskdit_fast.data.dali import DaliLatentLoader  # noqa: E402
@@ -79,17 +79,7 @@ def test_training_with_dali_resumes_exactly(tmp_path, monkeypatch):
     cfg = latent_config(tmp_path / "data", "data.loader=dali", "data.dali_threads=1", "data.shuffle_buffer=8",
                         "data.flip=true", "train.max_steps=5", "train.ckpt_every=2")
     train(cfg, tmp_path / "straight", progress=False)
-    real_update = EMA.update
-
-    def crash_at_step_3(self, model, step):
-        if step == 3:
-            raise KeyboardInterrupt("simulated crash")
-        real_update(self, model, step)
-
-    monkeypatch.setattr(EMA, "update", crash_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "crashed", progress=False)
-    monkeypatch.setattr(EMA, "update", real_update)
+    train_and_crash(cfg, tmp_path / "crashed", 3, monkeypatch)
     train(cfg, tmp_path / "crashed", resume=True, progress=False)
     a = load_training_state(latest_training_state(tmp_path / "straight"))
     b = load_training_state(latest_training_state(tmp_path / "crashed"))

@@ -11,11 +11,10 @@ from maskdit_fast.data.images import UnreadableImage, decode_pil, list_image_fol
 from maskdit_fast.data.latents import flip_coins, posterior_noise
 from maskdit_fast.data.loader import ImageLoader, build_loader
 from maskdit_fast.data.sampler import EpochBatches
-from maskdit_fast.train.ema import EMA
 from maskdit_fast.train.state import latest_training_state, load_training_state
 from maskdit_fast.train.trainer import train
 from tests.data.helpers import make_image_folder
-from tests.helpers import tiny_config
+from tests.helpers import train_and_crash, tiny_config
 
 diffusers = pytest.importorskip("diffusers", reason="data.source=images needs diffusers: pip install -e '.[vae]'")
 SCALE = 0.18215
@@ -149,17 +148,7 @@ def test_training_from_images_resumes_exactly(tmp_path, folder, tiny_vae, monkey
     lines = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3, 4, 5] and all(np.isfinite(r["loss"]) for r in lines)
     assert (tmp_path / "straight" / "samples" / "step-0000005.png").is_file()  # decoded with data.vae
-    real_update = EMA.update
-
-    def crash_at_step_3(self, model, step):
-        if step == 3:
-            raise KeyboardInterrupt("simulated crash")
-        real_update(self, model, step)
-
-    monkeypatch.setattr(EMA, "update", crash_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "crashed", progress=False)
-    monkeypatch.setattr(EMA, "update", real_update)
+    train_and_crash(cfg, tmp_path / "crashed", 3, monkeypatch)
     train(cfg, tmp_path / "crashed", resume=True, progress=False)
     a = load_training_state(latest_training_state(tmp_path / "straight"))
     b = load_training_state(latest_training_state(tmp_path / "crashed"))

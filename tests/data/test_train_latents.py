@@ -4,11 +4,10 @@ import json
 import pytest
 import torch
 
-from maskdit_fast.train.ema import EMA
 from maskdit_fast.train.state import latest_training_state, load_training_state
 from maskdit_fast.train.trainer import train
 from tests.data.helpers import make_latent_folder
-from tests.helpers import tiny_config
+from tests.helpers import train_and_crash, tiny_config
 
 
 def latent_config(path, *overrides):
@@ -30,17 +29,7 @@ def test_crashed_latent_run_resumes_exactly_with_worker_processes(tmp_path, monk
     cfg = latent_config(tmp_path / "data", "train.max_steps=5", "train.ckpt_every=2", "data.num_workers=1",
                         "data.flip=true")
     train(cfg, tmp_path / "straight", progress=False)
-    real_update = EMA.update
-
-    def crash_at_step_3(self, model, step):
-        if step == 3:
-            raise KeyboardInterrupt("simulated crash")
-        real_update(self, model, step)
-
-    monkeypatch.setattr(EMA, "update", crash_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "crashed", progress=False)
-    monkeypatch.setattr(EMA, "update", real_update)
+    train_and_crash(cfg, tmp_path / "crashed", 3, monkeypatch)
     train(cfg, tmp_path / "crashed", resume=True, progress=False)
     a = load_training_state(latest_training_state(tmp_path / "straight"))
     b = load_training_state(latest_training_state(tmp_path / "crashed"))

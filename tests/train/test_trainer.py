@@ -10,10 +10,9 @@ from maskdit_fast.config import ConfigError
 from maskdit_fast.data.sampler import EpochBatches, split_global_batch
 from maskdit_fast.train import state as state_module
 from maskdit_fast.train import trainer as trainer_module
-from maskdit_fast.train.ema import EMA
 from maskdit_fast.train.state import atomic_write, latest_training_state, load_training_state
 from maskdit_fast.train.trainer import learning_rate, train
-from tests.helpers import tiny_config
+from tests.helpers import train_and_crash, tiny_config
 
 
 def params(path):
@@ -25,17 +24,7 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, monkeypatch):
                       "train.warmup_steps=2")
     train(cfg, tmp_path / "straight", progress=False)
 
-    real_update = EMA.update
-
-    def crash_at_step_5(self, model, step):
-        if step == 5:
-            raise KeyboardInterrupt("simulated crash")
-        real_update(self, model, step)
-
-    monkeypatch.setattr(EMA, "update", crash_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "crashed", progress=False)
-    monkeypatch.setattr(EMA, "update", real_update)
+    train_and_crash(cfg, tmp_path / "crashed", 5, monkeypatch)
     assert load_training_state(latest_training_state(tmp_path / "crashed"))["step"] == 3
     train(cfg, tmp_path / "crashed", resume=True, progress=False)
 
