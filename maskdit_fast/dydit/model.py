@@ -64,6 +64,18 @@ class _Dynamic:
     def _collect(self) -> None:
         self.routing = [b.routing for b in self.dynamic_blocks()]
 
+    def _head(self, tokens: torch.Tensor, c: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        """What runs between the encoder blocks and the final layer (MaskDiT: its decoder)."""
+        return tokens
+
+    def forward(self, x, noise_labels, class_labels=None, ids_keep=None):
+        """The base model's full-token forward with dynamic blocks; records ``self.routing``."""
+        _no_masking(ids_keep)
+        c, t_emb = self._conditions(noise_labels, class_labels)
+        tokens = self._head(self._run(self.blocks, self._embed(x), c, t_emb), c, t_emb)
+        self._collect()
+        return unpatchify(self.final_layer(tokens, c), self.patch_size, self.in_channels)
+
 
 def _no_masking(ids_keep: torch.Tensor | None) -> None:
     if ids_keep is not None:
@@ -77,12 +89,8 @@ class DyDiT(_Dynamic, DiT):
         super().__init__(cfg)
         self._make_dynamic(router)
 
-    def forward(self, x, noise_labels, class_labels=None, ids_keep=None):
-        _no_masking(ids_keep)
-        c, t_emb = self._conditions(noise_labels, class_labels)
-        tokens = self._run(self.blocks, self.x_embedder(x) + self.pos_embed.to(x.dtype), c, t_emb)
-        self._collect()
-        return unpatchify(self.final_layer(tokens, c), self.patch_size, self.in_channels)
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.x_embedder(x) + self.pos_embed.to(x.dtype)  # as DiT.forward
 
 
 class DyMaskDiT(_Dynamic, MaskDiT):
@@ -92,16 +100,14 @@ class DyMaskDiT(_Dynamic, MaskDiT):
         super().__init__(cfg)
         self._make_dynamic(router)
 
-    def forward(self, x, noise_labels, class_labels=None, ids_keep=None):
-        _no_masking(ids_keep)
-        c, t_emb = self._conditions(noise_labels, class_labels)
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.x_embedder(x)
-        tokens = self._run(self.blocks, tokens + self.pos_embed.to(tokens.dtype), c, t_emb)
+        return tokens + self.pos_embed.to(tokens.dtype)  # as MaskDiT.forward
+
+    def _head(self, tokens: torch.Tensor, c: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
         tokens = self.decoder_layer(tokens, c)
         tokens = tokens + self.decoder_pos_embed.to(tokens.dtype)
-        tokens = self._run(self.decoder_blocks, tokens, c, t_emb)
-        self._collect()
-        return unpatchify(self.final_layer(tokens, c), self.patch_size, self.in_channels)
+        return self._run(self.decoder_blocks, tokens, c, t_emb)
 
 
 def build_dydit(cfg: ModelConfig, router: RouterConfig) -> EDMPrecond:
