@@ -23,9 +23,10 @@ def tiny_model_config(**changes) -> ModelConfig:
     return ModelConfig(**values)
 
 
-def train_and_crash(cfg: Config, out_dir, crash_step: int, monkeypatch) -> None:
-    """Run ``train`` into ``out_dir`` and kill it (KeyboardInterrupt, not a clean exit) at the EMA
-    update of step ``crash_step`` (0-based), after the optimizer step and before anything is saved."""
+def train_and_crash(cfg: Config | None, out_dir, crash_step: int, monkeypatch, run=None) -> None:
+    """Run ``train(cfg, out_dir)`` (or the callable ``run()``) and kill it (KeyboardInterrupt, not a
+    clean exit) at the EMA update of step ``crash_step`` (0-based), after the optimizer step and
+    before anything is saved."""
     import pytest
 
     from maskdit_fast.train.ema import EMA
@@ -40,5 +41,8 @@ def train_and_crash(cfg: Config, out_dir, crash_step: int, monkeypatch) -> None:
 
     monkeypatch.setattr(EMA, "update", crash)
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, out_dir, progress=False)
+        if run is None:
+            train(cfg, out_dir, progress=False)
+        else:
+            run()
     monkeypatch.setattr(EMA, "update", real_update)

@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     ft.add_argument("--init", required=True, metavar="CKPT", help="base EMA .safetensors (or training state)")
     ft.add_argument("--out", required=True, help="run directory")
     ft.add_argument("--config", default="dydit-0.5", help="preset in configs/ or a YAML path (default: dydit-0.5)")
+    ft.add_argument("--resume", action="store_true", help="continue the run in --out from its newest training state")
     ft.add_argument("--no-progress", action="store_true")
     ft.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         ft.error(str(err))
     if not Path(args.init).exists():
         ft.error(f"--init {args.init}: no such file")
-    final = finetune(cfg, args.init, args.out, progress=not args.no_progress)
+    final = finetune(cfg, args.init, args.out, progress=not args.no_progress, resume=args.resume)
     flops = json.loads((Path(args.out) / "samples" / "final-flops.json").read_text())
     print(f"DyDiT EMA weights: {final}\nsamples: {Path(args.out) / 'samples' / 'final.png'} "
           f"(measured FLOPs {flops['ratio']:.3f}x the base model)\nsample it: python sample.py --ckpt {final} --out OUT")

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 from tqdm.auto import tqdm
 
 from ..checkpoint import ema_metadata, load_checkpoint
@@ -39,6 +41,8 @@ from ..diffusion.loss import edm_weight, sample_sigma
 from ..diffusion.samplers import edm_time_steps
 from ..train.dist import select_device
 from ..train.ema import EMA
+from ..train.state import (latest_training_state, load_into, rng_state, save_training_state, set_rng_state,
+                           trim_metrics)
 from ..train.trainer import (
     AUTOCAST_DTYPES,
     learning_rate,
@@ -116,16 +120,60 @@ def dydit_loss(net: EDMPrecond, images: torch.Tensor, labels: torch.Tensor | Non
     return terms
 
 
-def finetune(cfg: DyDiTRunConfig, init: str | Path, out_dir: str | Path, progress: bool = True) -> Path:
+def _restore(path: Path, run_config: dict, net: EDMPrecond, optimizer: torch.optim.Optimizer, ema: EMA,
+             device: torch.device) -> int:
+    """Load the training state ``path`` into the objects; returns its step. The run's config (the
+    base checkpoint included) must be the one the state was written with, ``train.max_steps`` aside."""
+    model_sd, optim_sd = get_state_dict(net, optimizer)
+    state = {"model": model_sd, "optimizer": optim_sd, "ema": get_model_state_dict(ema.model),
+             "rng": {"rank0": rng_state(device)}}
+    meta = load_into(path, state)
+    then, now = _flatten(meta["config"]), _flatten(json.loads(json.dumps(run_config)))
+    changed = sorted(k for k in then.keys() | now.keys() if k != "train.max_steps" and then.get(k) != now.get(k))
+    if changed:
+        k = changed[0]
+        raise ValueError(f"cannot resume {path}: {', '.join(changed)} differ from the saved run's config ({k}: "
+                         f"{then.get(k)!r} then, {now.get(k)!r} now); resume with the same --config, --init and "
+                         "overrides (train.max_steps may change)")
+    set_state_dict(net, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_model_state_dict(ema.model, state["ema"])
+    if "rank0" in state.get("rng", {}):
+        set_rng_state(state["rng"]["rank0"], device)
+    log.info("resumed from %s at step %d", path, meta["step"])
+    return meta["step"]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}"""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def finetune(cfg: DyDiTRunConfig, init: str | Path, out_dir: str | Path, progress: bool = True,
+             resume: bool = False) -> Path:
     """Fine-tune the DiT / MaskDiT checkpoint ``init`` into a DyDiT; returns the EMA safetensors path.
 
-    Writes ``out_dir/ema.safetensors`` (every ``train.ckpt_every`` steps and at the end),
-    ``metrics.jsonl``, ``config.json`` and ``samples/final.png`` (+ ``samples/final-flops.json``).
+    Every ``train.ckpt_every`` steps and at the end it writes the training state
+    (``checkpoints/step-XXXXXXX``: network, EMA, optimizer, RNG; atomic, as the trainer's) and
+    ``ema.safetensors``; also ``metrics.jsonl``, ``config.json`` and ``samples/final.png``
+    (+ ``samples/final-flops.json``). ``resume=True`` continues from the newest training state in
+    ``out_dir`` exactly where it was written (same data order and random draws): the result equals
+    an uninterrupted run's.
     """
     out_dir = Path(out_dir)
     t = cfg.train
-    if (out_dir / "ema.safetensors").exists():
-        raise FileExistsError(f"{out_dir} already holds a DyDiT run; choose another --out")
+    state_path = latest_training_state(out_dir)
+    if not resume and (state_path is not None or (out_dir / "ema.safetensors").exists()):
+        raise FileExistsError(f"{out_dir} already holds a DyDiT run; pass --resume to continue it or choose "
+                              "another --out")
+    if resume and state_path is None and (out_dir / "ema.safetensors").exists():
+        raise FileExistsError(f"cannot resume {out_dir}: it holds EMA weights but no training state (written by an "
+                              "earlier version); start a new run in another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     device = select_device(t.device)
     precision = resolve_precision(t.precision, device)
@@ -138,14 +186,17 @@ def finetune(cfg: DyDiTRunConfig, init: str | Path, out_dir: str | Path, progres
     if cfg.model.arch == "maskdit" and cfg.model.mask_ratio > 0:
         log.info("MaskDiT base: DyDiT fine-tunes its unmasked path (mask ratio 0)")
     net = to_dydit(base, cfg.dydit.router()).train().requires_grad_(True)
+    if getattr(net.model, "mask_token", None) is not None:
+        net.model.mask_token.requires_grad_(False)  # never used without masking: kept as it is
     if net.model.y_embedder is not None:
         net.model.y_embedder.dropout = 0.0  # dydit_loss drops labels (at cfg.model.class_dropout)
     teacher = base if cfg.dydit.distill_coef > 0 else None
     flops = model_flops(net)
     levels = sampler_sigmas(cfg.sample)
     ema = EMA(net, t.ema_decay, t.ema_warmup)
-    routers = [p for name, p in net.named_parameters() if "_router." in name]
-    others = [p for name, p in net.named_parameters() if "_router." not in name]
+    trained = [(name, p) for name, p in net.named_parameters() if p.requires_grad]
+    routers = [p for name, p in trained if "_router." in name]
+    others = [p for name, p in trained if "_router." not in name]
     optimizer = torch.optim.AdamW([{"params": others, "lr_scale": 1.0},
                                    {"params": routers, "lr_scale": cfg.dydit.router_lr_scale}],
                                   lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
@@ -154,17 +205,29 @@ def finetune(cfg: DyDiTRunConfig, init: str | Path, out_dir: str | Path, progres
     autocast = (torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision]) if precision in AUTOCAST_DTYPES
                 else contextlib.nullcontext())
     run_config = {**config_to_dict(cfg), "init": str(init)}
+    start = 0
+    if state_path is not None:
+        start = _restore(state_path, run_config, net, optimizer, ema, device)
+    elif resume:
+        log.info("--resume: no training state in %s, starting from scratch", out_dir)
     (out_dir / "config.json").write_text(json.dumps(run_config, indent=2))
     extra = {**ema_metadata(run_config, 0), "base": str(init), "lambda": cfg.dydit.target}
 
     def save(step: int) -> None:
+        model_sd, optim_sd = get_state_dict(net, optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd, "ema": get_model_state_dict(ema.model),
+                 "rng": {"rank0": rng_state(device)}}
+        meta = {"step": step, "world_size": 1, "config": run_config}
+        save_training_state(out_dir, step, state, meta, t.keep_last, is_main=True)
         save_dydit(out_dir / "ema.safetensors", ema.state_dict(), cfg.model, cfg.dydit.router(),
                    {**extra, "step": step})
 
     sums: dict[str, float] = {}
     window_start, window_steps = time.perf_counter(), 0
+    trim_metrics(out_dir / "metrics.jsonl", start)  # rows past the training state are logged again
     with (out_dir / "metrics.jsonl").open("a") as metrics:
-        bar = tqdm(range(t.max_steps), disable=not progress, desc="dydit", dynamic_ncols=True)
+        bar = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, disable=not progress, desc="dydit",
+                   dynamic_ncols=True)
         for step in bar:
             done = step + 1
             lr = learning_rate(cfg, step)
@@ -202,7 +265,8 @@ def finetune(cfg: DyDiTRunConfig, init: str | Path, out_dir: str | Path, progres
                 sums, window_start, window_steps = {}, time.perf_counter(), 0
             if done % t.ckpt_every == 0 and done != t.max_steps:
                 save(done)
-    save(t.max_steps)
+    if start < t.max_steps:
+        save(t.max_steps)
     ema_net = ema.model.eval()
     with FlopsMeter(ema_net) as meter:
         write_sample_grid(cfg, ema_net, out_dir / "samples" / "final.png")

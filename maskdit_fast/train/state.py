@@ -49,6 +49,23 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the rows of a ``metrics.jsonl`` logged after ``step``: on resume from the checkpoint of
+    ``step`` those steps run again and log again. Rows that are not complete JSON (a crash mid-write)
+    are dropped too."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line + "\n")
+    atomic_write(path, lambda tmp: tmp.write_text("".join(kept)))
+
+
 def _fsync_dir(path: Path) -> None:
     """Make a rename inside ``path`` durable."""
     fd = os.open(path, os.O_RDONLY)

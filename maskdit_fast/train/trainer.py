@@ -42,7 +42,7 @@ from .dist import Dist, all_reduce_mean, barrier, env_ranks, init_distributed, s
 from .ema import EMA
 from .parallel import clip_grad_norm, gradient_sync, parallelize
 from .state import (atomic_write, latest_training_state, load_into, load_training_state, rng_state,
-                    save_training_state, set_rng_state)
+                    save_training_state, set_rng_state, trim_metrics)
 
 log = logging.getLogger(__name__)
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -260,6 +260,7 @@ def _train(cfg: Config, out_dir: Path, env: Dist, resume: bool, init_from: str |
     metrics_file = None
     if env.is_main:
         (out_dir / "config.yaml").write_text(json.dumps(config_to_dict(cfg), indent=2))
+        trim_metrics(out_dir / "metrics.jsonl", start)  # rows past the checkpoint are logged again
         metrics_file = (out_dir / "metrics.jsonl").open("a")
     autocast = (torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision]) if precision in AUTOCAST_DTYPES
                 else contextlib.nullcontext())

@@ -15,6 +15,9 @@ from maskdit_fast.dydit import (
 from maskdit_fast.dydit.__main__ import main
 from maskdit_fast.dydit.finetune import dydit_loss, sampler_sigmas, training_sigmas
 
+from maskdit_fast.train.state import latest_training_state, load_training_state
+from tests.helpers import train_and_crash
+
 from .helpers import random_base
 
 TINY_RUN = ["train.max_steps=3", "train.global_batch=8", "train.log_every=1", "train.ckpt_every=2",
@@ -102,3 +105,38 @@ def test_cli_rejects_bad_overrides(tmp_path, base_ckpt):
     with pytest.raises(SystemExit):
         main(["finetune", "--init", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "x")])
 
+
+
+def test_killed_finetune_resumes_to_the_same_weights(tmp_path, base_ckpt, monkeypatch):
+    run = [*TINY_RUN, "train.max_steps=5", "train.ckpt_every=2"]
+
+    def finetune_cli(out, *extra):
+        return main(["finetune", "--init", str(base_ckpt), "--out", str(out), "--no-progress", *extra, *run])
+
+    finetune_cli(tmp_path / "straight")
+    train_and_crash(None, tmp_path / "crashed", 3, monkeypatch, run=lambda: finetune_cli(tmp_path / "crashed"))
+    assert load_training_state(latest_training_state(tmp_path / "crashed"))["step"] == 2
+    with pytest.raises(FileExistsError, match="--resume"):
+        finetune_cli(tmp_path / "crashed")
+    with pytest.raises(ValueError, match="dydit.target"):
+        finetune_cli(tmp_path / "crashed", "--resume", "dydit.target=0.3")
+    finetune_cli(tmp_path / "crashed", "--resume")
+
+    a = load_training_state(latest_training_state(tmp_path / "straight"))
+    b = load_training_state(latest_training_state(tmp_path / "crashed"))
+    assert a["step"] == b["step"] == 5
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
+    for name, tensor in load_dydit(tmp_path / "straight" / "ema.safetensors").state_dict().items():
+        assert torch.equal(tensor, load_dydit(tmp_path / "crashed" / "ema.safetensors").state_dict()[name])
+    steps = [json.loads(line)["step"] for line in (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]  # the step logged after the checkpoint and before the crash is not repeated
+
+
+def test_resume_refuses_a_run_without_training_state(tmp_path, base_ckpt):
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "ema.safetensors").write_bytes(base_ckpt.read_bytes())
+    with pytest.raises(FileExistsError, match="no training state"):
+        main(["finetune", "--init", str(base_ckpt), "--out", str(out), "--no-progress", "--resume", *TINY_RUN])

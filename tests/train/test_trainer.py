@@ -35,6 +35,8 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, monkeypatch):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
     assert torch.equal(a["rng"]["rank0"]["cpu"], b["rng"]["rank0"]["cpu"])
+    steps = [json.loads(line)["step"] for line in (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8]  # step 4, logged after the checkpoint of step 3 and before the crash, once
 
 
 def test_run_writes_logs_samples_and_a_loadable_checkpoint(tmp_path):
