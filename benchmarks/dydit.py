@@ -20,6 +20,7 @@ each DyDiT's masked formulation (same decisions, nothing skipped). Writes OUT.js
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -40,7 +41,7 @@ from maskdit_fast.checkpoint import build_net, load_checkpoint, sample_settings
 from maskdit_fast.config import DIT_SIZES, ModelConfig, SampleConfig
 from maskdit_fast.dydit import FlopsMeter, load_dydit, model_flops, to_dydit
 from maskdit_fast.dydit.checkpoint import is_dydit
-from maskdit_fast.generate import generate, seed_labels
+from maskdit_fast.generate import generate, make_grid, seed_labels
 
 TARGETS = (0.7, 0.5, 0.3)
 TINY = ModelConfig(arch="maskdit", size=None, hidden_size=64, depth=4, num_heads=4, patch_size=4, input_size=32,
@@ -89,8 +90,15 @@ def emulate(dyn, target: float, x: torch.Tensor, sigma: torch.Tensor, labels: to
             h.remove()
 
 
+def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast (the way DiTs sample on GPUs) or nothing (fp32)."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def time_sampling(nets: dict, seeds: list[int], labels, sample_cfg: SampleConfig, batch: int, reps: int,
-                  warmup: int, device: torch.device) -> dict[str, list[float]]:
+                  warmup: int, device: torch.device, precision: str = "fp32") -> dict[str, list[float]]:
     """Seconds per ``generate`` call of each network, calls interleaved across networks."""
     times: dict[str, list[float]] = {name: [] for name in nets}
     for rep in range(warmup + reps):
@@ -99,15 +107,19 @@ def time_sampling(nets: dict, seeds: list[int], labels, sample_cfg: SampleConfig
                 net.model.set_mode(mode)
             synchronize(device)
             start = time.perf_counter()
-            generate(net, seeds, labels, sample_cfg, batch_size=batch)
+            with precision_context(precision, device):
+                generate(net, seeds, labels, sample_cfg, batch_size=batch)
             synchronize(device)
             if rep >= warmup:
                 times[name].append(time.perf_counter() - start)
     return times
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(report, images): the report's rows, and each model's samples of the untimed pass
+    ((n, C, H, W) in model space, the same seeds for every model)."""
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     if args.base:
         base = load_checkpoint(args.base, device)
         settings = sample_settings(args.base).sampler
@@ -148,15 +160,15 @@ def run(args: argparse.Namespace) -> dict:
         for name in [n for n in nets if n != "base"]:
             nets[f"{name} (masked)"] = (nets[name][0], "masked")
 
-    flops = {}  # an untimed pass over the same seeds as the timed ones
+    flops, images = {}, {}  # an untimed pass over the same seeds as the timed ones
     for name, (net, mode) in nets.items():
         if mode is not None:
             net.model.set_mode(mode)
-        with FlopsMeter(net) as meter:
-            generate(net, seeds, labels, sample_cfg, batch_size=args.batch)
+        with FlopsMeter(net) as meter, precision_context(precision, device):
+            images[name] = generate(net, seeds, labels, sample_cfg, batch_size=args.batch)
         flops[name] = meter.summary(images=args.n)
     load_before = os.getloadavg()
-    times = time_sampling(nets, seeds, labels, sample_cfg, args.batch, args.reps, args.warmup, device)
+    times = time_sampling(nets, seeds, labels, sample_cfg, args.batch, args.reps, args.warmup, device, precision)
     load_after = os.getloadavg()
     base_s = statistics.median(times["base"])
     rows = []
@@ -171,11 +183,44 @@ def run(args: argparse.Namespace) -> dict:
                      "mean_heads": statistics.mean(e["heads"] for e in f["per_evaluation"]),
                      "mean_groups": statistics.mean(e["groups"] for e in f["per_evaluation"]),
                      "mean_tokens": statistics.mean(e["tokens"] for e in f["per_evaluation"])})
-    return {"command": " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine(device), "load_average_1_5_15min": {"before": load_before, "after": load_after},
-            "versions": versions(), "git": git_state(ROOT),
-            "model": cfg.__dict__, "sample": sample_cfg.__dict__, "n": args.n, "batch": args.batch, "reps": args.reps,
-            "rows": rows}
+    report = {"command": " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "machine": machine(device), "load_average_1_5_15min": {"before": load_before, "after": load_after},
+              "versions": versions(), "git": git_state(ROOT), "precision": precision,
+              "model": cfg.__dict__, "sample": sample_cfg.__dict__, "n": args.n, "batch": args.batch,
+              "reps": args.reps, "rows": rows}
+    return report, images
+
+
+def save_figure(report: dict, images: dict[str, torch.Tensor], path: Path, rows: int = 5) -> Path | None:
+    """One panel per model of its first ``rows`` x 10 samples (same seeds, one column per class when
+    the model has 10), titled with its measured FLOPs ratio and speed-up. None for latent models."""
+    first = next(iter(images.values()))
+    if first.shape[1] not in (1, 3):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from maskdit_fast.eval.images import to_uint8_nhwc
+
+    shown = {name: imgs for name, imgs in images.items() if "(masked)" not in name}
+    shown_rows = -(-min(len(first), rows * 10) // 10)
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 1.0 + 0.33 * shown_rows), squeeze=False)
+    by_model = {r["model"]: r for r in report["rows"]}
+    for ax, (name, imgs) in zip(axes[0], shown.items()):
+        grid = make_grid(to_uint8_nhwc(imgs[: rows * 10]), nrow=10)
+        ax.imshow(grid.squeeze(-1), cmap="gray") if grid.shape[-1] == 1 else ax.imshow(grid)
+        r = by_model[name]
+        ax.set_title(f"{name}\nFLOPs {r['flops_ratio']:.2f}x, speed {r['speedup']:.2f}x", fontsize=10)
+        ax.axis("off")
+    fig.suptitle(f"same seeds, guidance {report['sample']['cfg_scale']}, {report['sample']['num_steps']} steps",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
 
 
 def markdown(report: dict) -> str:
@@ -191,7 +236,7 @@ def markdown(report: dict) -> str:
              "- FLOPs: measured on the executed path (2 x MACs of matmuls/linears/convs, guidance rows included); "
              "heads / groups / tokens: mean share on over blocks and network evaluations", "",
              "- speed-up: base median / model median; paired: median over rounds of base time / model time in "
-             "the same round", "",
+             f"the same round; precision {report.get('precision', 'fp32')}", "",
              "| model | s / run | images/s | speed-up | paired | FLOPs ratio | GFLOPs / image | heads | groups | tokens |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
@@ -216,15 +261,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--masked", action="store_true", help="also time the masked formulation of each DyDiT")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                        help="auto: bf16 autocast on CUDA, fp32 on CPU")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads for torch (0: torch's default; on a shared machine 1 is steadier)")
-    parser.add_argument("--out", help="write OUT.json and OUT.md")
+    parser.add_argument("--out", help="write OUT.json, OUT.md and (pixel models) OUT.png, the samples side by side")
     args = parser.parse_args(argv)
     if args.base and not args.dydit:
         parser.error("--base needs --dydit checkpoints")
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = run(args)
+    report, images = run(args)
     text = markdown(report)
     print(text)
     if args.out:
@@ -232,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(json.dumps(report, indent=2))
         out.with_suffix(".md").write_text(text)
+        save_figure(report, images, out.with_suffix(".png"))
     return 0
 
 

@@ -62,8 +62,9 @@ def generate(
     return torch.cat(out)
 
 
-def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, pad: int = 2) -> None:
-    """Write (N, H, W, C) uint8 images as one PNG grid with ``nrow`` images per row."""
+def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:
+    """(N, H, W, C) uint8 images -> one (rows * (H + pad) + pad, nrow * (W + pad) + pad, C) uint8
+    grid on a white background, ``nrow`` images per row (default: a square)."""
     n, h, w, c = images.shape
     nrow = nrow or math.ceil(math.sqrt(n))
     rows = math.ceil(n / nrow)
@@ -71,8 +72,14 @@ def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, pad
     for i, img in enumerate(images):
         r, col = divmod(i, nrow)
         grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = img
+    return grid
+
+
+def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, pad: int = 2) -> None:
+    """Write (N, H, W, C) uint8 images as one PNG grid with ``nrow`` images per row."""
+    grid = make_grid(images, nrow, pad)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
 
 
 def save_npz(path: str | Path, images: np.ndarray, labels: torch.Tensor | None) -> None:
