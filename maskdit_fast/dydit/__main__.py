@@ -34,9 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.init).exists():
         ft.error(f"--init {args.init}: no such file")
     final = finetune(cfg, args.init, args.out, progress=not args.no_progress, resume=args.resume)
-    flops = json.loads((Path(args.out) / "samples" / "final-flops.json").read_text())
-    print(f"DyDiT EMA weights: {final}\nsamples: {Path(args.out) / 'samples' / 'final.png'} "
-          f"(measured FLOPs {flops['ratio']:.3f}x the base model)\nsample it: python sample.py --ckpt {final} --out OUT")
+    samples = Path(args.out) / "samples"
+    flops = json.loads((samples / "final-flops.json").read_text())
+    grid = f"samples: {samples / 'final.png'}, " if (samples / "final.png").exists() else "final sampling run: "
+    print(f"DyDiT EMA weights: {final}\n{grid}measured FLOPs {flops['ratio']:.3f}x the base model's\n"
+          f"sample it: python sample.py --ckpt {final} --out OUT")
     return 0
 
 

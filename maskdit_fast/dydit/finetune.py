@@ -29,13 +29,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 from tqdm.auto import tqdm
 
 from ..checkpoint import ema_metadata, load_checkpoint
 from ..config import ConfigError, SampleConfig, config_to_dict
-from ..data.sampler import EpochBatches
+from ..data.loader import build_loader
+from ..generate import generate, seed_labels
 from ..diffusion.edm import EDMPrecond
 from ..diffusion.loss import edm_weight, sample_sigma
 from ..diffusion.samplers import edm_time_steps
@@ -46,7 +48,6 @@ from ..train.state import (latest_training_state, load_into, rng_state, save_tra
 from ..train.trainer import (
     AUTOCAST_DTYPES,
     learning_rate,
-    load_dataset,
     resolve_precision,
     write_sample_grid,
 )
@@ -121,12 +122,16 @@ def dydit_loss(net: EDMPrecond, images: torch.Tensor, labels: torch.Tensor | Non
 
 
 def _restore(path: Path, run_config: dict, net: EDMPrecond, optimizer: torch.optim.Optimizer, ema: EMA,
-             device: torch.device) -> int:
-    """Load the training state ``path`` into the objects; returns its step. The run's config (the
-    base checkpoint included) must be the one the state was written with, ``train.max_steps`` aside."""
+             device: torch.device) -> tuple[int, bytes | None]:
+    """Load the training state ``path`` into the objects; returns its step and the loader's saved
+    state (None if it has none). The run's config (the base checkpoint included) must be the one the
+    state was written with, ``train.max_steps`` aside."""
     model_sd, optim_sd = get_state_dict(net, optimizer)
-    state = {"model": model_sd, "optimizer": optim_sd, "ema": get_model_state_dict(ema.model),
-             "rng": {"rank0": rng_state(device)}}
+    rng = rng_state(device)
+    saved_loader = FileSystemReader(str(path)).read_metadata().state_dict_metadata.get("rng.rank0.loader")
+    if saved_loader is not None:  # a stateful loader's bytes, of the length it had
+        rng["loader"] = torch.empty(saved_loader.size, dtype=torch.uint8)
+    state = {"model": model_sd, "optimizer": optim_sd, "ema": get_model_state_dict(ema.model), "rng": {"rank0": rng}}
     meta = load_into(path, state)
     then, now = _flatten(meta["config"]), _flatten(json.loads(json.dumps(run_config)))
     changed = sorted(k for k in then.keys() | now.keys() if k != "train.max_steps" and then.get(k) != now.get(k))
@@ -137,10 +142,13 @@ def _restore(path: Path, run_config: dict, net: EDMPrecond, optimizer: torch.opt
                          "overrides (train.max_steps may change)")
     set_state_dict(net, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     set_model_state_dict(ema.model, state["ema"])
+    loader_state = None
     if "rank0" in state.get("rng", {}):
         set_rng_state(state["rng"]["rank0"], device)
+        if "loader" in state["rng"]["rank0"]:
+            loader_state = state["rng"]["rank0"]["loader"].numpy().tobytes()
     log.info("resumed from %s at step %d", path, meta["step"])
-    return meta["step"]
+    return meta["step"], loader_state
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -200,23 +208,28 @@ def finetune(cfg: DyDiTRunConfig, init: str | Path, out_dir: str | Path, progres
     optimizer = torch.optim.AdamW([{"params": others, "lr_scale": 1.0},
                                    {"params": routers, "lr_scale": cfg.dydit.router_lr_scale}],
                                   lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-    images, labels = load_dataset(cfg, device)
-    batches = EpochBatches(images.shape[0], t.global_batch, t.seed)
+    data = build_loader(cfg, device, rank=0, world_size=1, micro=t.global_batch, accumulation=1)
+    if not cfg.data.vae and data.vae:  # grids decode with the VAE that made the latents
+        cfg.data.vae = data.vae
     autocast = (torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision]) if precision in AUTOCAST_DTYPES
                 else contextlib.nullcontext())
     run_config = {**config_to_dict(cfg), "init": str(init)}
-    start = 0
+    start, loader_state = 0, None
     if state_path is not None:
-        start = _restore(state_path, run_config, net, optimizer, ema, device)
+        start, loader_state = _restore(state_path, run_config, net, optimizer, ema, device)
     elif resume:
         log.info("--resume: no training state in %s, starting from scratch", out_dir)
+    data.start(start, t.max_steps, loader_state)
     (out_dir / "config.json").write_text(json.dumps(run_config, indent=2))
     extra = {**ema_metadata(run_config, 0), "base": str(init), "lambda": cfg.dydit.target}
 
     def save(step: int) -> None:
         model_sd, optim_sd = get_state_dict(net, optimizer)
-        state = {"model": model_sd, "optimizer": optim_sd, "ema": get_model_state_dict(ema.model),
-                 "rng": {"rank0": rng_state(device)}}
+        rng = rng_state(device)
+        loader_state = data.state()
+        if loader_state is not None:  # a stateful loader (DALI): its reader position
+            rng["loader"] = torch.frombuffer(bytearray(loader_state), dtype=torch.uint8).clone()
+        state = {"model": model_sd, "optimizer": optim_sd, "ema": get_model_state_dict(ema.model), "rng": {"rank0": rng}}
         meta = {"step": step, "world_size": 1, "config": run_config}
         save_training_state(out_dir, step, state, meta, t.keep_last, is_main=True)
         save_dydit(out_dir / "ema.safetensors", ema.state_dict(), cfg.model, cfg.dydit.router(),
@@ -233,9 +246,8 @@ def finetune(cfg: DyDiTRunConfig, init: str | Path, out_dir: str | Path, progres
             lr = learning_rate(cfg, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            idx = batches(step).to(device)
-            x, y = images[idx], labels[idx]
-            if cfg.data.flip:
+            ((_, _, x, y),) = data.step(step)  # one process, one micro-batch
+            if cfg.data.flip and not data.flips:
                 flip = torch.rand(x.shape[0], device=device) < 0.5
                 x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
             if cfg.model.num_classes == 0:
@@ -267,9 +279,14 @@ def finetune(cfg: DyDiTRunConfig, init: str | Path, out_dir: str | Path, progres
                 save(done)
     if start < t.max_steps:
         save(t.max_steps)
+    data.close()
     ema_net = ema.model.eval()
     with FlopsMeter(ema_net) as meter:
-        write_sample_grid(cfg, ema_net, out_dir / "samples" / "final.png")
+        if not write_sample_grid(cfg, ema_net, out_dir / "samples" / "final.png"):
+            # latents without a VAE to decode them: sample anyway, for the FLOPs the sampler executes
+            seeds = list(range(8))
+            generate(ema_net, seeds, seed_labels(seeds, cfg.model.num_classes), cfg.sample)
+    (out_dir / "samples").mkdir(exist_ok=True)
     (out_dir / "samples" / "final-flops.json").write_text(json.dumps(meter.summary(), indent=2))
     return out_dir / "ema.safetensors"
 

@@ -32,7 +32,6 @@ import kernels
 
 from ..checkpoint import build_net, ema_metadata, load_checkpoint, save_safetensors
 from ..config import Config, ConfigError, config_to_dict
-from ..data import load_mnist
 from ..data.loader import build_loader
 from ..data.sampler import micro_batch_seed, split_global_batch
 from ..diffusion.loss import edm_loss
@@ -66,33 +65,19 @@ def learning_rate(cfg: Config, step: int) -> float:
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def load_dataset(cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole (in-memory) training set on ``device``: images (N, C, H, W), labels (N,) int64.
-    Only for the bundled MNIST; the trainer reads every data set through ``data.loader.build_loader``."""
-    if cfg.data.dataset != "mnist":
-        raise NotImplementedError("data.dataset=latents is read shard by shard, not held in memory: use "
-                                  "maskdit_fast.data.loader.build_loader")
-    images, labels = load_mnist(device)
-    m = cfg.model
-    if (m.in_channels, m.input_size) != tuple(images.shape[1:3]) or m.num_classes not in (0, 10):
-        raise ValueError(f"the bundled MNIST is 1x32x32 with 10 classes; the model expects in_channels={m.in_channels}, "
-                         f"input_size={m.input_size}, num_classes={m.num_classes} (use --config mnist)")
-    return images, labels
-
-
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def write_sample_grid(cfg: Config, ema_net, path: Path) -> None:
-    """A grid of EMA samples, one row per class (up to 10 classes), fixed seeds. Latent models
-    need ``data.vae`` to decode them; without it no grid is written."""
+def write_sample_grid(cfg: Config, ema_net, path: Path) -> bool:
+    """A grid of EMA samples, one row per class (up to 10 classes), fixed seeds; True if written.
+    Latent models need ``data.vae`` to decode them; without it nothing is sampled."""
     m = cfg.model
     if not cfg.data.vae and m.in_channels not in (1, 3):
         log.info("no sample grid at %s: set data.vae to decode the model's %d-channel latents", path.name, m.in_channels)
-        return
+        return False
     per_row = cfg.sample.grid_per_class
     rows = min(m.num_classes, 10) if m.num_classes else 8
     classes = None
@@ -107,9 +92,10 @@ def write_sample_grid(cfg: Config, ema_net, path: Path) -> None:
             vae = load_vae(cfg.data.vae, next(ema_net.parameters()).device)
         except RuntimeError as err:  # e.g. a hub id on an offline node: not worth stopping the run for
             log.warning("no sample grid at %s: %s", path.name, err)
-            return
+            return False
         images = decode_latents(vae, images, cfg.data.latent_scale)
     save_grid(to_uint8_nhwc(images), path, nrow=per_row)
+    return True
 
 
 def _initialise_from(path: str, net, ema: EMA) -> None:

@@ -1,3 +1,4 @@
+import math
 import json
 
 import pytest
@@ -140,3 +141,42 @@ def test_resume_refuses_a_run_without_training_state(tmp_path, base_ckpt):
     (out / "ema.safetensors").write_bytes(base_ckpt.read_bytes())
     with pytest.raises(FileExistsError, match="no training state"):
         main(["finetune", "--init", str(base_ckpt), "--out", str(out), "--no-progress", "--resume", *TINY_RUN])
+
+
+@pytest.fixture
+def latent_base(tmp_path):
+    """A tiny MaskDiT for 4x8x8 latents with 3 classes, and a latent folder of 19 samples."""
+    from tests.data.helpers import make_latent_folder
+
+    make_latent_folder(tmp_path / "data", counts=(10, 9))
+    net = random_base("maskdit", in_channels=4, input_size=8, patch_size=2, num_classes=3)
+    path = tmp_path / "latent-base.safetensors"
+    save_safetensors(path, net.state_dict(), net.model.cfg)
+    return path, tmp_path / "data"
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_finetune_on_latent_shards_resumes_exactly(tmp_path, latent_base, monkeypatch, loader):
+    """Fine-tunes read latent folders through the trainer's loaders (torch workers, DALI reader state)."""
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    base, data = latent_base
+    run = [*TINY_RUN, "train.max_steps=5", "train.ckpt_every=2", "data.dataset=latents", f"data.path={data}",
+           "data.flip=true", f"data.loader={loader}", "data.num_workers=1", "data.dali_threads=1",
+           "data.shuffle_buffer=8"]
+
+    def finetune_cli(out, *extra):
+        return main(["finetune", "--init", str(base), "--out", str(out), "--no-progress", *extra, *run])
+
+    finetune_cli(tmp_path / "straight")
+    train_and_crash(None, tmp_path / "crashed", 3, monkeypatch, run=lambda: finetune_cli(tmp_path / "crashed"))
+    finetune_cli(tmp_path / "crashed", "--resume")
+    a = load_training_state(latest_training_state(tmp_path / "straight"))
+    b = load_training_state(latest_training_state(tmp_path / "crashed"))
+    assert a["step"] == b["step"] == 5
+    assert ("loader" in a["rng"]["rank0"]) == (loader == "dali")  # DALI's reader position is saved
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), f"model.{name} differs after resume"
+    rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in rows) and len(rows) == 5
+    assert load_dydit(tmp_path / "straight" / "ema.safetensors").model.cfg.in_channels == 4
