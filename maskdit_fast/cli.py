@@ -12,6 +12,11 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, load_config
+from .data.latents import LatentFormatError
+
+# Errors that mean bad input (a run directory in use, a missing file, a broken latent folder): the
+# command lines print their message, which says what to do, instead of a traceback.
+USER_ERRORS = (FileExistsError, FileNotFoundError, LatentFormatError)
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -41,7 +46,10 @@ def train_main(argv: list[str] | None = None) -> int:
     from .train.trainer import train
 
     out = Path(args.out or Path("runs") / Path(args.config).stem)
-    final = train(cfg, out, resume=args.resume, init_from=args.init_from, progress=not args.no_progress)
+    try:
+        final = train(cfg, out, resume=args.resume, init_from=args.init_from, progress=not args.no_progress)
+    except USER_ERRORS as err:  # bad input, said plainly: no traceback
+        parser.error(str(err))
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun rank 0 reports
         return 0
     print(f"EMA weights: {final}\nsamples: {out / 'samples'}\nmetrics: {out / 'metrics.jsonl'}")

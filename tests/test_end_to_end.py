@@ -52,3 +52,5 @@ def test_cli_errors_are_clear(tmp_path):
     assert bad.returncode == 2 and "model.mask_ratio" in bad.stderr
     missing = run("sample.py", "--ckpt", str(tmp_path / "none.safetensors"), "--out", str(tmp_path))
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+    no_data = run("train.py", "--out", str(tmp_path / "run"), "data.dataset=latents", f"data.path={tmp_path / 'none'}")
+    assert no_data.returncode == 2 and "meta.json: not found" in no_data.stderr and "Traceback" not in no_data.stderr

@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
+    from ..cli import USER_ERRORS
+    from .checkpoint import is_dydit
     from .config import load_dydit_config
     from .finetune import finetune
     try:
@@ -33,7 +35,13 @@ def main(argv: list[str] | None = None) -> int:
         ft.error(str(err))
     if not Path(args.init).exists():
         ft.error(f"--init {args.init}: no such file")
-    final = finetune(cfg, args.init, args.out, progress=not args.no_progress, resume=args.resume)
+    if is_dydit(args.init):
+        ft.error(f"--init {args.init} is already a DyDiT; fine-tune from its base model (the checkpoint that was "
+                 "its --init) with another dydit.target")
+    try:
+        final = finetune(cfg, args.init, args.out, progress=not args.no_progress, resume=args.resume)
+    except USER_ERRORS as err:
+        ft.error(str(err))
     samples = Path(args.out) / "samples"
     flops = json.loads((samples / "final-flops.json").read_text())
     grid = f"samples: {samples / 'final.png'}, " if (samples / "final.png").exists() else "final sampling run: "

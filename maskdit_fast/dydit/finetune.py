@@ -182,7 +182,6 @@ def finetune(cfg: DyDiTRunConfig, init: str | Path, out_dir: str | Path, progres
     if resume and state_path is None and (out_dir / "ema.safetensors").exists():
         raise FileExistsError(f"cannot resume {out_dir}: it holds EMA weights but no training state (written by an "
                               "earlier version); start a new run in another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
     device = select_device(t.device)
     precision = resolve_precision(t.precision, device)
     if precision == "fp16":
@@ -220,6 +219,7 @@ def finetune(cfg: DyDiTRunConfig, init: str | Path, out_dir: str | Path, progres
     elif resume:
         log.info("--resume: no training state in %s, starting from scratch", out_dir)
     data.start(start, t.max_steps, loader_state)
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves no empty run directory
     (out_dir / "config.json").write_text(json.dumps(run_config, indent=2))
     extra = {**ema_metadata(run_config, 0), "base": str(init), "lambda": cfg.dydit.target}
 

@@ -83,8 +83,6 @@ def test_finetune_and_sample_from_the_command_line(tmp_path, base_ckpt, capsys):
     assert net.model.router_cfg.token_ratio == 4
     assert net.model.cfg == load_checkpoint(base_ckpt).model.cfg
     assert "measured FLOPs" in capsys.readouterr().out
-    with pytest.raises(FileExistsError):
-        main(["finetune", "--init", str(base_ckpt), "--out", str(out), "--no-progress", *TINY_RUN])
 
     samples = tmp_path / "samples"  # sample.py takes DyDiT checkpoints and reports the FLOPs it executed
     assert sample_main(["--ckpt", str(out / "ema.safetensors"), "--out", str(samples), "--n", "4", "--steps", "2"]) == 0
@@ -108,7 +106,7 @@ def test_cli_rejects_bad_overrides(tmp_path, base_ckpt):
 
 
 
-def test_killed_finetune_resumes_to_the_same_weights(tmp_path, base_ckpt, monkeypatch):
+def test_killed_finetune_resumes_to_the_same_weights(tmp_path, base_ckpt, monkeypatch, capsys):
     run = [*TINY_RUN, "train.max_steps=5", "train.ckpt_every=2"]
 
     def finetune_cli(out, *extra):
@@ -117,8 +115,9 @@ def test_killed_finetune_resumes_to_the_same_weights(tmp_path, base_ckpt, monkey
     finetune_cli(tmp_path / "straight")
     train_and_crash(None, tmp_path / "crashed", 3, monkeypatch, run=lambda: finetune_cli(tmp_path / "crashed"))
     assert load_training_state(latest_training_state(tmp_path / "crashed"))["step"] == 2
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(SystemExit):
         finetune_cli(tmp_path / "crashed")
+    assert "pass --resume" in capsys.readouterr().err
     with pytest.raises(ValueError, match="dydit.target"):
         finetune_cli(tmp_path / "crashed", "--resume", "dydit.target=0.3")
     finetune_cli(tmp_path / "crashed", "--resume")
@@ -135,12 +134,29 @@ def test_killed_finetune_resumes_to_the_same_weights(tmp_path, base_ckpt, monkey
     assert steps == [1, 2, 3, 4, 5]  # the step logged after the checkpoint and before the crash is not repeated
 
 
-def test_resume_refuses_a_run_without_training_state(tmp_path, base_ckpt):
+def test_command_line_refuses_bad_input_with_a_message(tmp_path, base_ckpt, capsys):
+    out = tmp_path / "run"
+    assert main(["finetune", "--init", str(base_ckpt), "--out", str(out), "--no-progress", *TINY_RUN]) == 0
+    with pytest.raises(SystemExit):  # a DyDiT is not a base model
+        main(["finetune", "--init", str(out / "ema.safetensors"), "--out", str(tmp_path / "again"), *TINY_RUN])
+    assert "already a DyDiT" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the run directory is taken
+        main(["finetune", "--init", str(base_ckpt), "--out", str(out), "--no-progress", *TINY_RUN])
+    assert "--resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["finetune", "--init", str(base_ckpt), "--out", str(tmp_path / "x"), "data.dataset=latents",
+              f"data.path={tmp_path / 'none'}", *TINY_RUN])
+    assert "meta.json: not found" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # no empty run directory left behind
+
+
+def test_resume_refuses_a_run_without_training_state(tmp_path, base_ckpt, capsys):
     out = tmp_path / "old"
     out.mkdir()
     (out / "ema.safetensors").write_bytes(base_ckpt.read_bytes())
-    with pytest.raises(FileExistsError, match="no training state"):
+    with pytest.raises(SystemExit):
         main(["finetune", "--init", str(base_ckpt), "--out", str(out), "--no-progress", "--resume", *TINY_RUN])
+    assert "no training state" in capsys.readouterr().err
 
 
 @pytest.fixture
