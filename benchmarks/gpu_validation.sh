@@ -124,7 +124,7 @@ EOF
 # The loaders' samples/s next to the XL/2 training steps' images/s of the core phase's report.
 loaders_vs_step() {
   local synthetic=$1 batch=$2 workers=$3
-  $PY -m maskdit_fast.data.bench --synthetic "$synthetic" --batch "$batch" --loader torch --workers "$workers" \
+  $PY -m benchmarks.data_loaders --synthetic "$synthetic" --batch "$batch" --loader torch --workers "$workers" \
     --device "$DEV" --json "$WORK/loaders.json" || return 1
   $PY - "$WORK/loaders.json" "$GPU_VALIDATION_WORK/core/report-xl2/report.json" <<'EOF'
 import json, sys

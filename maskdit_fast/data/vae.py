@@ -2,6 +2,8 @@
 images to posteriors (``prepare``, ``data.source=images``) and decoding samples."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 LATENT_SCALE = 0.18215
@@ -53,3 +55,23 @@ def decode_latents(vae, latents: torch.Tensor, scale: float = LATENT_SCALE, batc
     device = next(vae.parameters()).device
     out = [vae.decode(chunk.to(device) / scale).sample.clamp(-1, 1).cpu() for chunk in latents.split(batch_size)]
     return torch.cat(out)
+
+
+def random_vae(kind: str, path: Path) -> Path:
+    """Save a randomly initialised AutoencoderKL under ``path`` and return ``path``: ``tiny`` (8
+    channels wide, for tests) or ``sd`` (Stable Diffusion's architecture: 4 blocks of 128/256/512/512
+    channels, 2 layers each, for timing). Both have SD's 8x downsampling and 4 latent channels; no
+    download, seeded (the global RNG is left as it was)."""
+    from diffusers import AutoencoderKL
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        if kind == "tiny":
+            vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4,
+                                norm_num_groups=4, sample_size=32)
+        else:
+            vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+                                norm_num_groups=32, sample_size=256)
+    vae.save_pretrained(path)
+    return path

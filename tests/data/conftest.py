@@ -9,7 +9,7 @@ def tiny_vae(tmp_path_factory):
     """A randomly initialised AutoencoderKL with the SD VAE's 8x downsampling and 4 latent channels
     (8 channels wide), saved as a local folder: no download."""
     pytest.importorskip("diffusers", reason="the VAE needs diffusers: pip install -e '.[vae]'")
-    from maskdit_fast.data.bench import random_vae
+    from maskdit_fast.data.vae import random_vae
     return random_vae("tiny", tmp_path_factory.mktemp("vae"))
 
 

@@ -1,9 +1,9 @@
-"""``python -m maskdit_fast.data.bench``: loader throughput and images-vs-latents step time (tiny runs)."""
+"""``python -m benchmarks.data_loaders``: loader throughput and images-vs-latents step time (tiny runs)."""
 import json
 
 import pytest
 
-from maskdit_fast.data.bench import main, synthetic_folder
+from benchmarks.data_loaders import main, synthetic_folder
 from maskdit_fast.data.dali import dali_available
 from maskdit_fast.data.latents import LatentShards, verify
 
@@ -21,7 +21,7 @@ def test_loader_bench_reports_both_loaders(tmp_path, capsys):
             "--json", str(out)]
     assert main(argv) == 0
     report = json.loads(out.read_text())
-    assert report["command"] == "python -m maskdit_fast.data.bench " + " ".join(argv)
+    assert report["command"] == "python -m benchmarks.data_loaders " + " ".join(argv)
     assert report["machine"]["cpu_count"] >= 1 and report["machine"]["torch"]
     expected = ["torch", "dali"] if dali_available() else ["torch"]
     assert [r["loader"] for r in report["loaders"]] == expected

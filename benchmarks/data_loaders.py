@@ -1,8 +1,8 @@
 """Data benchmarks: loader throughput, and training from images against pre-encoded latents.
 
-    python -m maskdit_fast.data.bench [DIR | --synthetic 20000] [--loader torch dali] [--batch 256]
+    python -m benchmarks.data_loaders [DIR | --synthetic 20000] [--loader torch dali] [--batch 256]
         [--steps 50] [--warmup 5] [--workers 2] [--threads 4] [--device auto] [--json out.json]
-    python -m maskdit_fast.data.bench --sources [--vae tiny|sd|PATH] [--model tiny|S|B|L|XL]
+    python -m benchmarks.data_loaders --sources [--vae tiny|sd|PATH] [--model tiny|S|B|L|XL]
         [--resolution 32] [--images 48] [--batch 8] [--steps 12] [--warmup 2] [--json out.json]
     (both: [--torch-threads N])
 
@@ -34,10 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import DIT_SIZES
-from .latents import LatentShards, RecordLayout, write_meta, write_shard
-from .loader import LatentLoader
-from .sampler import EpochBatches
+from maskdit_fast.config import DIT_SIZES
+from maskdit_fast.data.latents import LatentShards, RecordLayout, write_meta, write_shard
+from maskdit_fast.data.loader import LatentLoader
+from maskdit_fast.data.sampler import EpochBatches
+from maskdit_fast.data.vae import random_vae
 
 
 def synthetic_folder(path: Path, count: int, shape=(4, 32, 32), shard_size: int = 4096, seed: int = 0) -> Path:
@@ -83,7 +84,7 @@ def measure(name: str, path: Path, batch: int, steps: int, warmup: int, workers:
     if name == "torch":
         loader = LatentLoader(shards, EpochBatches(len(shards), batch, 0), 0, 0.18215, device, 0, 1, 1, workers)
     else:
-        from .dali import DaliLatentLoader
+        from maskdit_fast.data.dali import DaliLatentLoader
         loader = DaliLatentLoader(path, shards.meta, batch, 1, 0, 1, seed=0, flip=True, scale=0.18215, device=device,
                                   threads=threads)
     loader.start(0, warmup + steps)
@@ -116,24 +117,6 @@ MODELS = {
 }
 
 
-def random_vae(kind: str, path: Path) -> Path:
-    """Save a randomly initialised AutoencoderKL under ``path``: ``tiny`` (the tests') or ``sd``
-    (Stable Diffusion's architecture: 4 blocks of 128/256/512/512 channels, 2 layers each)."""
-    from diffusers import AutoencoderKL
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        if kind == "tiny":
-            vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
-                                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4,
-                                norm_num_groups=4, sample_size=32)
-        else:
-            vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
-                                norm_num_groups=32, sample_size=256)
-    vae.save_pretrained(path)
-    return path
-
-
 def image_folder(path: Path, count: int, resolution: int, classes: int = 4, seed: int = 0) -> Path:
     """``count`` random JPEGs (quality 90, sides 1 to 1.5 x ``resolution``) in ``classes`` class folders."""
     from PIL import Image
@@ -157,9 +140,9 @@ def step_times(run: Path, warmup: int, global_batch: int) -> list[float]:
 def compare_sources(tmp: Path, vae: str, model: str, resolution: int, images: int, batch: int, steps: int,
                     warmup: int, workers: int, device: str) -> dict:
     """Median training-step time from pre-encoded latent shards and from images (same model, data, seed)."""
-    from ..config import load_config
-    from ..train.trainer import train
-    from .prepare import main as prepare
+    from maskdit_fast.config import load_config
+    from maskdit_fast.train.trainer import train
+    from maskdit_fast.data.prepare import main as prepare
 
     if vae in ("tiny", "sd"):
         vae = str(random_vae(vae, tmp / f"vae-{vae}"))
@@ -190,7 +173,7 @@ def compare_sources(tmp: Path, vae: str, model: str, resolution: int, images: in
 def run(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> dict:
     """The benchmark ``args`` ask for; returns the report."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    command = "python -m maskdit_fast.data.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m benchmarks.data_loaders " + " ".join(sys.argv[1:] if argv is None else argv)
     report = {"command": command, "machine": machine(device)}
     with tempfile.TemporaryDirectory() as tmp:
         if args.sources:
@@ -212,7 +195,7 @@ def run(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | 
             report["loaders"] = []
             for name in args.loader:
                 if name == "dali":
-                    from .dali import dali_available
+                    from maskdit_fast.data.dali import dali_available
                     if not dali_available():
                         print("dali: not installed, skipped")
                         continue
@@ -223,7 +206,7 @@ def run(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m maskdit_fast.data.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.data_loaders", description=__doc__.split("\n\n")[0])
     p.add_argument("path", nargs="?", help="latent folder (else --synthetic)")
     p.add_argument("--synthetic", type=int, default=0, help="write this many random records to a temporary folder")
     p.add_argument("--loader", nargs="+", choices=("torch", "dali"), default=["torch", "dali"])
