@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         final = finetune(cfg, args.init, args.out, progress=not args.no_progress, resume=args.resume)
     except USER_ERRORS as err:
         ft.error(str(err))
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun rank 0 reports
+        return 0
     samples = Path(args.out) / "samples"
     flops = json.loads((samples / "final-flops.json").read_text())
     grid = f"samples: {samples / 'final.png'}, " if (samples / "final.png").exists() else "final sampling run: "

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
@@ -41,7 +42,9 @@ from ..generate import generate, seed_labels
 from ..diffusion.edm import EDMPrecond
 from ..diffusion.loss import edm_weight, sample_sigma
 from ..diffusion.samplers import edm_time_steps
-from ..train.dist import select_device
+from ..data.sampler import micro_batch_seed, split_global_batch
+from ..train.dist import Dist, all_reduce_mean, barrier, env_ranks, init_distributed, select_device
+from ..train.parallel import gradient_sync, parallelize, unwrap
 from ..train.ema import EMA
 from ..train.state import (latest_training_state, load_into, rng_state, save_training_state, set_rng_state,
                            trim_metrics)
@@ -101,7 +104,7 @@ def dydit_loss(net: EDMPrecond, images: torch.Tensor, labels: torch.Tensor | Non
     denoised = net(noisy, sigma, labels)
     weight = edm_weight(s, net.sigma_data)
     dsm = (weight * (denoised - images).pow(2)).mean()
-    routing = routing_of(net)
+    routing = routing_of(unwrap(net))  # the decisions live on the modules, inside a DDP wrapper
     ratio = flops.ratio(routing)
     flops_loss = d.flops_coef * (ratio.mean() - lam) ** 2
     token_rates = torch.stack([r.tokens.mean() for r in routing])
@@ -121,33 +124,34 @@ def dydit_loss(net: EDMPrecond, images: torch.Tensor, labels: torch.Tensor | Non
     return terms
 
 
-def _restore(path: Path, run_config: dict, net: EDMPrecond, optimizer: torch.optim.Optimizer, ema: EMA,
-             device: torch.device) -> tuple[int, bytes | None]:
+def _restore(path: Path, run_config: dict, net: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: EMA,
+             device: torch.device, rank_key: str = "rank0") -> tuple[int, bytes | None]:
     """Load the training state ``path`` into the objects; returns its step and the loader's saved
     state (None if it has none). The run's config (the base checkpoint included) must be the one the
-    state was written with, ``train.max_steps`` aside."""
+    state was written with, ``train.max_steps`` and the process layout aside."""
     model_sd, optim_sd = get_state_dict(net, optimizer)
     rng = rng_state(device)
-    saved_loader = FileSystemReader(str(path)).read_metadata().state_dict_metadata.get("rng.rank0.loader")
+    saved_loader = FileSystemReader(str(path)).read_metadata().state_dict_metadata.get(f"rng.{rank_key}.loader")
     if saved_loader is not None:  # a stateful loader's bytes, of the length it had
         rng["loader"] = torch.empty(saved_loader.size, dtype=torch.uint8)
-    state = {"model": model_sd, "optimizer": optim_sd, "ema": get_model_state_dict(ema.model), "rng": {"rank0": rng}}
+    state = {"model": model_sd, "optimizer": optim_sd, "ema": get_model_state_dict(ema.model), "rng": {rank_key: rng}}
     meta = load_into(path, state)
     then, now = _flatten(meta["config"]), _flatten(json.loads(json.dumps(run_config)))
-    changed = sorted(k for k in then.keys() | now.keys() if k != "train.max_steps" and then.get(k) != now.get(k))
+    free = {"train.max_steps", "train.parallel", "train.micro_batch"}  # may change between the runs
+    changed = sorted(k for k in then.keys() | now.keys() if k not in free and then.get(k) != now.get(k))
     if changed:
         k = changed[0]
         raise ValueError(f"cannot resume {path}: {', '.join(changed)} differ from the saved run's config ({k}: "
                          f"{then.get(k)!r} then, {now.get(k)!r} now); resume with the same --config, --init and "
-                         "overrides (train.max_steps may change)")
+                         "overrides (train.max_steps, train.parallel and train.micro_batch may change)")
     set_state_dict(net, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     set_model_state_dict(ema.model, state["ema"])
     loader_state = None
-    if "rank0" in state.get("rng", {}):
-        set_rng_state(state["rng"]["rank0"], device)
-        if "loader" in state["rng"]["rank0"]:
-            loader_state = state["rng"]["rank0"]["loader"].numpy().tobytes()
-    log.info("resumed from %s at step %d", path, meta["step"])
+    if rank_key in state.get("rng", {}):  # absent when the state was written by fewer processes
+        set_rng_state(state["rng"][rank_key], device)
+        if "loader" in state["rng"][rank_key]:
+            loader_state = state["rng"][rank_key]["loader"].numpy().tobytes()
+    log.info("resumed from %s at step %d (written by %d processes)", path, meta["step"], meta["world_size"])
     return meta["step"], loader_state
 
 
@@ -167,14 +171,43 @@ def finetune(cfg: DyDiTRunConfig, init: str | Path, out_dir: str | Path, progres
     """Fine-tune the DiT / MaskDiT checkpoint ``init`` into a DyDiT; returns the EMA safetensors path.
 
     Every ``train.ckpt_every`` steps and at the end it writes the training state
-    (``checkpoints/step-XXXXXXX``: network, EMA, optimizer, RNG; atomic, as the trainer's) and
-    ``ema.safetensors``; also ``metrics.jsonl``, ``config.json`` and ``samples/final.png``
-    (+ ``samples/final-flops.json``). ``resume=True`` continues from the newest training state in
-    ``out_dir`` exactly where it was written (same data order and random draws): the result equals
-    an uninterrupted run's.
+    (``checkpoints/step-XXXXXXX``: network, EMA, optimizer, each rank's RNG; atomic, as the
+    trainer's) and ``ema.safetensors``; also ``metrics.jsonl``, ``config.json`` and
+    ``samples/final.png`` (+ ``samples/final-flops.json``). ``resume=True`` continues from the newest
+    training state in ``out_dir`` exactly where it was written (same data order and random draws):
+    the result equals an uninterrupted run's.
+
+    ``train.parallel=ddp`` under torchrun splits each global batch over the processes (and
+    ``train.micro_batch`` into micro-batches); every micro-batch draws its noise from a seed of its
+    place in the global batch and adds its own FLOPs term, so N processes compute what one process
+    with N micro-batches does.
     """
-    out_dir = Path(out_dir)
     t = cfg.train
+    for key in ("compile", "activation_checkpointing"):
+        if getattr(t, key):
+            raise ConfigError(f"train.{key}: not supported by the DyDiT fine-tune (untested with the routers); "
+                              f"set train.{key}=false")
+    if t.parallel == "fsdp":
+        raise ConfigError("train.parallel: fsdp is not supported by the DyDiT fine-tune; use ddp (the routers and "
+                          "the EMA are small, DDP keeps a full copy of the network per GPU)")
+    if t.parallel == "none":
+        world_size = env_ranks()[1]
+        if world_size > 1:
+            raise ConfigError(f"train.parallel: none, but {world_size} processes were launched (torchrun); "
+                              "set train.parallel=ddp")
+        env, created = Dist(0, 1, select_device(t.device)), False
+    else:
+        env, created = init_distributed(t.device)
+    try:
+        return _finetune(cfg, Path(init), Path(out_dir), env, progress, resume)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _finetune(cfg: DyDiTRunConfig, init: Path, out_dir: Path, env: Dist, progress: bool, resume: bool) -> Path:
+    t = cfg.train
+    device = env.device
     state_path = latest_training_state(out_dir)
     if not resume and (state_path is not None or (out_dir / "ema.safetensors").exists()):
         raise FileExistsError(f"{out_dir} already holds a DyDiT run; pass --resume to continue it or choose "
@@ -182,105 +215,127 @@ def finetune(cfg: DyDiTRunConfig, init: str | Path, out_dir: str | Path, progres
     if resume and state_path is None and (out_dir / "ema.safetensors").exists():
         raise FileExistsError(f"cannot resume {out_dir}: it holds EMA weights but no training state (written by an "
                               "earlier version); start a new run in another --out")
-    device = select_device(t.device)
     precision = resolve_precision(t.precision, device)
     if precision == "fp16":
         raise ConfigError("train.precision: fp16 is not supported by the DyDiT fine-tune; use bf16 or fp32")
+    micro, accumulation = split_global_batch(t.global_batch, env.world_size, t.micro_batch)
+    split = env.world_size * accumulation > 1  # else: one continuous RNG stream
     torch.manual_seed(t.seed)
 
     base = load_checkpoint(init, device)
     cfg.model = base.model.cfg
     if cfg.model.arch == "maskdit" and cfg.model.mask_ratio > 0:
         log.info("MaskDiT base: DyDiT fine-tunes its unmasked path (mask ratio 0)")
-    net = to_dydit(base, cfg.dydit.router()).train().requires_grad_(True)
-    if getattr(net.model, "mask_token", None) is not None:
-        net.model.mask_token.requires_grad_(False)  # never used without masking: kept as it is
-    if net.model.y_embedder is not None:
-        net.model.y_embedder.dropout = 0.0  # dydit_loss drops labels (at cfg.model.class_dropout)
+    raw = to_dydit(base, cfg.dydit.router()).train().requires_grad_(True)
+    if getattr(raw.model, "mask_token", None) is not None:
+        raw.model.mask_token.requires_grad_(False)  # never used without masking: kept as it is
+    if raw.model.y_embedder is not None:
+        raw.model.y_embedder.dropout = 0.0  # dydit_loss drops labels (at cfg.model.class_dropout)
     teacher = base if cfg.dydit.distill_coef > 0 else None
-    flops = model_flops(net)
+    flops = model_flops(raw)
     levels = sampler_sigmas(cfg.sample)
-    ema = EMA(net, t.ema_decay, t.ema_warmup)
-    trained = [(name, p) for name, p in net.named_parameters() if p.requires_grad]
+    ema = EMA(raw, t.ema_decay, t.ema_warmup)
+    net = parallelize(raw, ema.model, cfg, precision, device, env.world_size, accumulation)
+    trained = [(name, p) for name, p in raw.named_parameters() if p.requires_grad]
     routers = [p for name, p in trained if "_router." in name]
     others = [p for name, p in trained if "_router." not in name]
     optimizer = torch.optim.AdamW([{"params": others, "lr_scale": 1.0},
                                    {"params": routers, "lr_scale": cfg.dydit.router_lr_scale}],
                                   lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-    data = build_loader(cfg, device, rank=0, world_size=1, micro=t.global_batch, accumulation=1)
+    data = build_loader(cfg, device, env.rank, env.world_size, micro, accumulation)
     if not cfg.data.vae and data.vae:  # grids decode with the VAE that made the latents
         cfg.data.vae = data.vae
     autocast = (torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision]) if precision in AUTOCAST_DTYPES
                 else contextlib.nullcontext())
     run_config = {**config_to_dict(cfg), "init": str(init)}
+    rank_key = f"rank{env.rank}"
     start, loader_state = 0, None
     if state_path is not None:
-        start, loader_state = _restore(state_path, run_config, net, optimizer, ema, device)
+        start, loader_state = _restore(state_path, run_config, net, optimizer, ema, device, rank_key)
     elif resume:
         log.info("--resume: no training state in %s, starting from scratch", out_dir)
     data.start(start, t.max_steps, loader_state)
-    out_dir.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves no empty run directory
-    (out_dir / "config.json").write_text(json.dumps(run_config, indent=2))
+    barrier()  # every rank has read the run directory before rank 0 writes to it
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves no empty run directory
+        (out_dir / "config.json").write_text(json.dumps(run_config, indent=2))
+        trim_metrics(out_dir / "metrics.jsonl", start)  # rows past the training state are logged again
     extra = {**ema_metadata(run_config, 0), "base": str(init), "lambda": cfg.dydit.target}
 
     def save(step: int) -> None:
+        """Collective: the training state of every rank, then rank 0's EMA safetensors."""
         model_sd, optim_sd = get_state_dict(net, optimizer)
         rng = rng_state(device)
         loader_state = data.state()
         if loader_state is not None:  # a stateful loader (DALI): its reader position
             rng["loader"] = torch.frombuffer(bytearray(loader_state), dtype=torch.uint8).clone()
-        state = {"model": model_sd, "optimizer": optim_sd, "ema": get_model_state_dict(ema.model), "rng": {"rank0": rng}}
-        meta = {"step": step, "world_size": 1, "config": run_config}
-        save_training_state(out_dir, step, state, meta, t.keep_last, is_main=True)
-        save_dydit(out_dir / "ema.safetensors", ema.state_dict(), cfg.model, cfg.dydit.router(),
-                   {**extra, "step": step})
+        state = {"model": model_sd, "optimizer": optim_sd, "ema": get_model_state_dict(ema.model),
+                 "rng": {rank_key: rng}}
+        meta = {"step": step, "world_size": env.world_size, "config": run_config}
+        save_training_state(out_dir, step, state, meta, t.keep_last, env.is_main)
+        if env.is_main:
+            save_dydit(out_dir / "ema.safetensors", ema.state_dict(), cfg.model, cfg.dydit.router(),
+                       {**extra, "step": step})
 
     sums: dict[str, float] = {}
     window_start, window_steps = time.perf_counter(), 0
-    trim_metrics(out_dir / "metrics.jsonl", start)  # rows past the training state are logged again
-    with (out_dir / "metrics.jsonl").open("a") as metrics:
-        bar = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, disable=not progress, desc="dydit",
-                   dynamic_ncols=True)
-        for step in bar:
-            done = step + 1
-            lr = learning_rate(cfg, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
-            ((_, _, x, y),) = data.step(step)  # one process, one micro-batch
+    metrics = (out_dir / "metrics.jsonl").open("a") if env.is_main else None
+    bar = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, disable=not (progress and env.is_main),
+               desc="dydit", dynamic_ncols=True)
+    for step in bar:
+        done = step + 1
+        lr = learning_rate(cfg, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        lam = cfg.dydit.lambda_at(step)
+        for a, (j, _, x, y) in enumerate(data.step(step)):
+            if split:
+                torch.manual_seed(micro_batch_seed(t.seed, step, j))
             if cfg.data.flip and not data.flips:
                 flip = torch.rand(x.shape[0], device=device) < 0.5
                 x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
             if cfg.model.num_classes == 0:
                 y = None
-            lam = cfg.dydit.lambda_at(step)
-            with autocast:
+            with gradient_sync(net, a == accumulation - 1), autocast:
                 terms = dydit_loss(net, x, y, lam, cfg, flops, levels, teacher)
-            value = terms["loss"].item()
-            if not math.isfinite(value):
-                raise FloatingPointError(f"loss is {value} at step {done}")
-            terms["loss"].backward()
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), t.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            ema.update(net, step)
+                (terms["loss"] / accumulation).backward()
             for key, v in terms.items():
-                sums[key] = sums.get(key, 0.0) + float(v.detach())
-            window_steps += 1
-            if done % t.log_every == 0 or done == t.max_steps:
-                elapsed = time.perf_counter() - window_start
-                row = {"step": done, **{k: v / window_steps for k, v in sums.items()}, "lambda": lam, "lr": lr,
-                       "img_per_s": window_steps * t.global_batch / elapsed}
+                sums[key] = sums.get(key, 0.0) + float(v.detach()) / accumulation
+        finite = torch.tensor(float(math.isfinite(sums["loss"])), device=device)
+        if all_reduce_mean(finite).item() < 1:  # every rank stops together
+            raise FloatingPointError(f"loss is not finite at step {done}")
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(raw.parameters(), t.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(raw, step)
+        window_steps += 1
+        if done % t.log_every == 0 or done == t.max_steps:
+            elapsed = time.perf_counter() - window_start
+            keys = sorted(sums)
+            means = all_reduce_mean(torch.tensor([sums[k] / window_steps for k in keys], device=device)).tolist()
+            row = {"step": done, **dict(zip(keys, means)), "lambda": lam, "lr": lr,
+                   "img_per_s": window_steps * t.global_batch / elapsed}
+            if metrics is not None:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
-                bar.set_postfix(loss=f"{row['loss']:.3f}", flops=f"{row['flops_ratio']:.2f}", lam=f"{lam:.2f}")
-                sums, window_start, window_steps = {}, time.perf_counter(), 0
-            if done % t.ckpt_every == 0 and done != t.max_steps:
-                save(done)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", flops=f"{row['flops_ratio']:.2f}", lam=f"{lam:.2f}")
+            sums, window_start, window_steps = {}, time.perf_counter(), 0
+        if done % t.ckpt_every == 0 and done != t.max_steps:
+            save(done)
     if start < t.max_steps:
         save(t.max_steps)
     data.close()
-    ema_net = ema.model.eval()
+    if metrics is not None:
+        metrics.close()
+    if env.is_main:
+        _final_samples(cfg, ema.model.eval(), out_dir)
+    barrier()
+    return out_dir / "ema.safetensors"
+
+
+def _final_samples(cfg: DyDiTRunConfig, ema_net: EDMPrecond, out_dir: Path) -> None:
+    """``samples/final.png`` and the FLOPs that sampling executed (``samples/final-flops.json``)."""
     with FlopsMeter(ema_net) as meter:
         if not write_sample_grid(cfg, ema_net, out_dir / "samples" / "final.png"):
             # latents without a VAE to decode them: sample anyway, for the FLOPs the sampler executes
@@ -288,5 +343,3 @@ def finetune(cfg: DyDiTRunConfig, init: str | Path, out_dir: str | Path, progres
             generate(ema_net, seeds, seed_labels(seeds, cfg.model.num_classes), cfg.sample)
     (out_dir / "samples").mkdir(exist_ok=True)
     (out_dir / "samples" / "final-flops.json").write_text(json.dumps(meter.summary(), indent=2))
-    return out_dir / "ema.safetensors"
-

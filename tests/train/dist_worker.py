@@ -1,7 +1,7 @@
 """One rank of the multi-process tests, launched by ``torchrun``: runs the jobs of a JSON file in order.
 
-Each job is ``{"train": OUT, "overrides": [...], "resume": bool, "kill_at": step | null}`` or
-``{"sample": [sample.py arguments]}``. ``kill_at`` SIGKILLs this process when the EMA update of
+Each job is ``{"train": OUT, "overrides": [...], "resume": bool, "kill_at": step | null}``,
+``{"sample": [sample.py arguments]}`` or ``{"dydit": [python -m maskdit_fast.dydit arguments]}``. ``kill_at`` SIGKILLs this process when the EMA update of
 that (0-based) step starts: a crash, not a clean exit. The group is created here and shared by the
 jobs; results are checked by the test from the files the jobs write.
 """
@@ -15,6 +15,7 @@ import sys
 import torch.distributed as dist
 
 from maskdit_fast.cli import sample_main
+from maskdit_fast.dydit.__main__ import main as dydit_main
 from maskdit_fast.train.ema import EMA
 from maskdit_fast.train.trainer import train
 from tests.helpers import tiny_config
@@ -36,6 +37,9 @@ def main(jobs_file: str) -> None:
     for job in json.loads(open(jobs_file).read()):
         if "sample" in job:
             assert sample_main(job["sample"]) == 0
+            continue
+        if "dydit" in job:
+            assert dydit_main(job["dydit"]) == 0
             continue
         if job.get("kill_at") is not None:
             kill_at(job["kill_at"])
