@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -277,7 +276,7 @@ def _finetune(cfg: DyDiTRunConfig, init: Path, out_dir: Path, env: Dist, progres
             save_dydit(out_dir / "ema.safetensors", ema.state_dict(), cfg.model, cfg.dydit.router(),
                        {**extra, "step": step})
 
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
     window_start, window_steps = time.perf_counter(), 0
     metrics = (out_dir / "metrics.jsonl").open("a") if env.is_main else None
     bar = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, disable=not (progress and env.is_main),
@@ -288,6 +287,7 @@ def _finetune(cfg: DyDiTRunConfig, init: Path, out_dir: Path, env: Dist, progres
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         lam = cfg.dydit.lambda_at(step)
+        step_loss = torch.zeros((), device=device)
         for a, (j, _, x, y) in enumerate(data.step(step)):
             if split:
                 torch.manual_seed(micro_batch_seed(t.seed, step, j))
@@ -299,10 +299,10 @@ def _finetune(cfg: DyDiTRunConfig, init: Path, out_dir: Path, env: Dist, progres
             with gradient_sync(net, a == accumulation - 1), autocast:
                 terms = dydit_loss(net, x, y, lam, cfg, flops, levels, teacher)
                 (terms["loss"] / accumulation).backward()
-            for key, v in terms.items():
-                sums[key] = sums.get(key, 0.0) + float(v.detach()) / accumulation
-        finite = torch.tensor(float(math.isfinite(sums["loss"])), device=device)
-        if all_reduce_mean(finite).item() < 1:  # every rank stops together
+            step_loss += terms["loss"].detach().float() / accumulation
+            for key, v in terms.items():  # on the device: no host sync but the one below
+                sums[key] = sums.get(key, 0) + v.detach().float() / accumulation
+        if all_reduce_mean(torch.isfinite(step_loss).float()).item() < 1:  # every rank stops together
             raise FloatingPointError(f"loss is not finite at step {done}")
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(raw.parameters(), t.grad_clip)
@@ -313,7 +313,7 @@ def _finetune(cfg: DyDiTRunConfig, init: Path, out_dir: Path, env: Dist, progres
         if done % t.log_every == 0 or done == t.max_steps:
             elapsed = time.perf_counter() - window_start
             keys = sorted(sums)
-            means = all_reduce_mean(torch.tensor([sums[k] / window_steps for k in keys], device=device)).tolist()
+            means = all_reduce_mean(torch.stack([sums[k] / window_steps for k in keys])).tolist()
             row = {"step": done, **dict(zip(keys, means)), "lambda": lam, "lr": lr,
                    "img_per_s": window_steps * t.global_batch / elapsed}
             if metrics is not None:

@@ -196,3 +196,20 @@ def test_finetune_on_latent_shards_resumes_exactly(tmp_path, latent_base, monkey
     rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in rows) and len(rows) == 5
     assert load_dydit(tmp_path / "straight" / "ema.safetensors").model.cfg.in_channels == 4
+
+
+def test_a_non_finite_loss_stops_the_run_at_its_step(tmp_path, base_ckpt, monkeypatch):
+    import maskdit_fast.dydit.finetune as ft
+
+    real, calls = ft.dydit_loss, []
+
+    def poisoned(*args, **kwargs):
+        terms = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(ft, "dydit_loss", poisoned)
+    with pytest.raises(FloatingPointError, match="step 2"):
+        main(["finetune", "--init", str(base_ckpt), "--out", str(tmp_path / "run"), "--no-progress", *TINY_RUN])
