@@ -126,14 +126,16 @@ def to_dydit(net: EDMPrecond, router: RouterConfig | None = None) -> EDMPrecond:
     base = net.model
     if isinstance(base, _Dynamic):
         raise TypeError("this network is already a DyDiT")
-    with torch.random.fork_rng(devices=[]):  # building draws random weights; keep the caller's RNG
+    param = next(base.parameters())
+    # Built where the weights live (seconds saved per XL model on a GPU); building draws random
+    # weights, so the caller's RNG on that device is kept as it was.
+    with torch.random.fork_rng(devices=[param.device] if param.device.type == "cuda" else []), param.device:
         dyn = build_dydit(base.cfg, router)
     missing, unexpected = dyn.model.load_state_dict(base.state_dict(), strict=False)
     if unexpected or any("_router." not in k for k in missing):
         raise RuntimeError(f"weights do not match the DyDiT network: missing {missing}, unexpected {unexpected}")
     dyn.sigma_data = net.sigma_data
-    param = next(base.parameters())
-    return dyn.to(device=param.device, dtype=param.dtype).train(net.training)
+    return dyn.to(device=param.device, dtype=param.dtype).train(net.training)  # .to: buffers made from numpy
 
 
 def routing_of(net: EDMPrecond | nn.Module) -> list[Routing]:
