@@ -39,6 +39,7 @@ CATEGORIES: tuple[tuple[str, str], ...] = (
     ("triton: adaLN LayerNorm+modulate / gated residual", r"_adaln_"),
     ("triton: token gather / scatter", r"_gather_kernel|_scatter(_bwd)?_kernel"),
     ("attention", r"flash|fmha|attention|sdpa|softmax"),
+    ("torch.compile (Inductor) kernels", r"^triton_(poi|red|per|tem)_"),
     ("matmul and convolution", r"gemm|xmma|cutlass|nvjet|wgmma|cublas|convolution|convolve|conv2d|"
                                r"aten::(mm|addmm|bmm|baddbmm|_addmm_activation)$"),
     ("optimizer (AdamW) and EMA", r"adam|multi_tensor|foreach|lerp"),

@@ -35,6 +35,8 @@ KERNEL_NAMES = {  # names as the CUDA profiler and the ATen dispatcher print the
     "aten::mul_": "elementwise / reductions",
     "aten::expand": "allocation and views (host bookkeeping)",  # not aten::exp
     "aten::empty_strided": "allocation and views (host bookkeeping)",
+    "triton_poi_fused_add_mul_0": "torch.compile (Inductor) kernels",
+    "triton_red_fused_native_layer_norm_1": "torch.compile (Inductor) kernels",
     "some_unknown_kernel": OTHER,
 }
 
