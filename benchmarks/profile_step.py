@@ -83,6 +83,8 @@ def profile_rows(prof: profile, device: torch.device) -> list[Row]:
     events = prof.key_averages()
     if device.type == "cuda":
         picked = [(evt, _device_us(evt)) for evt in events if evt.device_type == DeviceType.CUDA]
+        if not picked:  # a profiler that lists no kernel rows: the operators' own device time instead
+            picked = [(evt, _device_us(evt)) for evt in events if evt.key.startswith("aten::")]
     else:
         picked = [(evt, evt.self_cpu_time_total) for evt in events
                   if evt.device_type == DeviceType.CPU and evt.key.startswith("aten::")]
