@@ -20,7 +20,6 @@ each DyDiT's masked formulation (same decisions, nothing skipped). Writes OUT.js
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -42,6 +41,7 @@ from maskdit_fast.config import DIT_SIZES, ModelConfig, SampleConfig
 from maskdit_fast.dydit import FlopsMeter, load_dydit, model_flops, to_dydit
 from maskdit_fast.dydit.checkpoint import is_dydit
 from maskdit_fast.generate import generate, make_grid, seed_labels
+from maskdit_fast.train.trainer import autocast_for
 
 TARGETS = (0.7, 0.5, 0.3)
 TINY = ModelConfig(arch="maskdit", size=None, hidden_size=64, depth=4, num_heads=4, patch_size=4, input_size=32,
@@ -91,13 +91,6 @@ def emulate(dyn, target: float, x: torch.Tensor, sigma: torch.Tensor, labels: to
             h.remove()
 
 
-def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast (the way DiTs sample on GPUs) or nothing (fp32)."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def time_sampling(nets: dict, seeds: list[int], labels, sample_cfg: SampleConfig, batch: int, reps: int,
                   warmup: int, device: torch.device, precision: str = "fp32") -> dict[str, list[float]]:
     """Seconds per ``generate`` call of each network, calls interleaved across networks."""
@@ -108,7 +101,7 @@ def time_sampling(nets: dict, seeds: list[int], labels, sample_cfg: SampleConfig
                 net.model.set_mode(mode)
             synchronize(device)
             start = time.perf_counter()
-            with precision_context(precision, device):
+            with autocast_for(precision, device):
                 generate(net, seeds, labels, sample_cfg, batch_size=batch)
             synchronize(device)
             if rep >= warmup:
@@ -165,7 +158,7 @@ def run(args: argparse.Namespace) -> tuple[dict, dict[str, torch.Tensor]]:
     for name, (net, mode) in nets.items():
         if mode is not None:
             net.model.set_mode(mode)
-        with FlopsMeter(net) as meter, precision_context(precision, device):
+        with FlopsMeter(net) as meter, autocast_for(precision, device):
             images[name] = generate(net, seeds, labels, sample_cfg, batch_size=args.batch)
         flops[name] = meter.summary(images=args.n)
     load_before = os.getloadavg()

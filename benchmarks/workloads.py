@@ -16,11 +16,9 @@ from maskdit_fast.checkpoint import build_net
 from maskdit_fast.config import LossConfig
 from maskdit_fast.diffusion import edm_loss, edm_sample
 from maskdit_fast.train.ema import EMA
+from maskdit_fast.train.trainer import autocast_for
 
 from .configs import ModelSpec, Variant
-
-AUTOCAST = {"bf16": torch.bfloat16}
-
 
 @contextlib.contextmanager
 def variant_settings(variant: Variant) -> Iterator[None]:
@@ -35,12 +33,6 @@ def variant_settings(variant: Variant) -> Iterator[None]:
             yield
     finally:
         kernels.set_attention_backend(None)
-
-
-def _autocast(variant: Variant, device: torch.device) -> contextlib.AbstractContextManager:
-    if variant.precision in AUTOCAST:
-        return torch.autocast(device.type, dtype=AUTOCAST[variant.precision])
-    return contextlib.nullcontext()
 
 
 def _build(spec: ModelSpec, variant: Variant, device: torch.device):
@@ -68,7 +60,7 @@ class TrainStep:
         self.labels = torch.randint(0, cfg.num_classes, (batch,), device=device) if cfg.num_classes else None
         self.mask_ratio = variant.mask_ratio
         self.loss_cfg = LossConfig()
-        self.autocast = _autocast(variant, device)
+        self.autocast = autocast_for(variant.precision, device)
         self.step = 0
 
     def __call__(self) -> None:
@@ -97,7 +89,7 @@ class Sampler:
         self.labels = torch.randint(0, cfg.num_classes, (batch,), device=device) if cfg.num_classes else None
         self.num_steps = num_steps
         self.cfg_scale = cfg_scale
-        self.autocast = _autocast(variant, device)
+        self.autocast = autocast_for(variant.precision, device)
 
     def __call__(self, num_steps: int | None = None) -> torch.Tensor:
         with torch.no_grad(), self.autocast:

@@ -46,3 +46,19 @@ def train_and_crash(cfg: Config | None, out_dir, crash_step: int, monkeypatch, r
         else:
             run()
     monkeypatch.setattr(EMA, "update", real_update)
+
+
+def assert_same_final_state(straight, resumed, step: int, parts=("model", "ema")) -> tuple[dict, dict]:
+    """The newest training states of the runs in ``straight`` and ``resumed`` are both of ``step``
+    and hold bit-identical ``parts``; returns both states for further checks."""
+    import torch
+
+    from maskdit_fast.train.state import latest_training_state, load_training_state
+
+    a = load_training_state(latest_training_state(straight))
+    b = load_training_state(latest_training_state(resumed))
+    assert a["step"] == b["step"] == step
+    for key in parts:
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
+    return a, b

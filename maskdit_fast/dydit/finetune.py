@@ -20,16 +20,13 @@ the distillation teacher sees the same labels as the student.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 from tqdm.auto import tqdm
@@ -37,22 +34,17 @@ from tqdm.auto import tqdm
 from ..checkpoint import ema_metadata, load_checkpoint
 from ..config import ConfigError, SampleConfig, config_to_dict
 from ..data.loader import build_loader
-from ..generate import generate, seed_labels
+from ..data.sampler import split_global_batch
 from ..diffusion.edm import EDMPrecond
 from ..diffusion.loss import edm_weight, sample_sigma
 from ..diffusion.samplers import edm_time_steps
-from ..data.sampler import micro_batch_seed, split_global_batch
-from ..train.dist import Dist, all_reduce_mean, barrier, env_ranks, init_distributed, select_device
-from ..train.parallel import gradient_sync, parallelize, unwrap
+from ..generate import generate, seed_labels
+from ..train.dist import Dist, all_reduce_mean, barrier, processes
 from ..train.ema import EMA
-from ..train.state import (latest_training_state, load_into, rng_state, save_training_state, set_rng_state,
-                           trim_metrics)
-from ..train.trainer import (
-    AUTOCAST_DTYPES,
-    learning_rate,
-    resolve_precision,
-    write_sample_grid,
-)
+from ..train.parallel import gradient_sync, parallelize, unwrap
+from ..train.state import (latest_training_state, load_into, process_state, process_state_to_load,
+                           restore_process_state, save_training_state, trim_metrics)
+from ..train.trainer import autocast_for, learning_rate, prepare_micro_batch, resolve_precision, write_sample_grid
 from .checkpoint import save_dydit
 from .config import DyDiTConfig, DyDiTRunConfig
 from .flops import FlopsMeter, ModelFlops, model_flops
@@ -129,11 +121,8 @@ def _restore(path: Path, run_config: dict, net: torch.nn.Module, optimizer: torc
     state (None if it has none). The run's config (the base checkpoint included) must be the one the
     state was written with, ``train.max_steps`` and the process layout aside."""
     model_sd, optim_sd = get_state_dict(net, optimizer)
-    rng = rng_state(device)
-    saved_loader = FileSystemReader(str(path)).read_metadata().state_dict_metadata.get(f"rng.{rank_key}.loader")
-    if saved_loader is not None:  # a stateful loader's bytes, of the length it had
-        rng["loader"] = torch.empty(saved_loader.size, dtype=torch.uint8)
-    state = {"model": model_sd, "optimizer": optim_sd, "ema": get_model_state_dict(ema.model), "rng": {rank_key: rng}}
+    state = {"model": model_sd, "optimizer": optim_sd, "ema": get_model_state_dict(ema.model),
+             "rng": {rank_key: process_state_to_load(path, rank_key, device)}}
     meta = load_into(path, state)
     then, now = _flatten(meta["config"]), _flatten(json.loads(json.dumps(run_config)))
     free = {"train.max_steps", "train.parallel", "train.micro_batch"}  # may change between the runs
@@ -145,11 +134,7 @@ def _restore(path: Path, run_config: dict, net: torch.nn.Module, optimizer: torc
                          "overrides (train.max_steps, train.parallel and train.micro_batch may change)")
     set_state_dict(net, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     set_model_state_dict(ema.model, state["ema"])
-    loader_state = None
-    if rank_key in state.get("rng", {}):  # absent when the state was written by fewer processes
-        set_rng_state(state["rng"][rank_key], device)
-        if "loader" in state["rng"][rank_key]:
-            loader_state = state["rng"][rank_key]["loader"].numpy().tobytes()
+    loader_state = restore_process_state(state, rank_key, device)
     log.info("resumed from %s at step %d (written by %d processes)", path, meta["step"], meta["world_size"])
     return meta["step"], loader_state
 
@@ -189,19 +174,8 @@ def finetune(cfg: DyDiTRunConfig, init: str | Path, out_dir: str | Path, progres
     if t.parallel == "fsdp":
         raise ConfigError("train.parallel: fsdp is not supported by the DyDiT fine-tune; use ddp (the routers and "
                           "the EMA are small, DDP keeps a full copy of the network per GPU)")
-    if t.parallel == "none":
-        world_size = env_ranks()[1]
-        if world_size > 1:
-            raise ConfigError(f"train.parallel: none, but {world_size} processes were launched (torchrun); "
-                              "set train.parallel=ddp")
-        env, created = Dist(0, 1, select_device(t.device)), False
-    else:
-        env, created = init_distributed(t.device)
-    try:
+    with processes(t.parallel, t.device, "train.parallel=ddp") as env:
         return _finetune(cfg, Path(init), Path(out_dir), env, progress, resume)
-    finally:
-        if created:
-            dist.destroy_process_group()
 
 
 def _finetune(cfg: DyDiTRunConfig, init: Path, out_dir: Path, env: Dist, progress: bool, resume: bool) -> Path:
@@ -244,8 +218,7 @@ def _finetune(cfg: DyDiTRunConfig, init: Path, out_dir: Path, env: Dist, progres
     data = build_loader(cfg, device, env.rank, env.world_size, micro, accumulation)
     if not cfg.data.vae and data.vae:  # grids decode with the VAE that made the latents
         cfg.data.vae = data.vae
-    autocast = (torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision]) if precision in AUTOCAST_DTYPES
-                else contextlib.nullcontext())
+    autocast = autocast_for(precision, device)
     run_config = {**config_to_dict(cfg), "init": str(init)}
     rank_key = f"rank{env.rank}"
     start, loader_state = 0, None
@@ -264,12 +237,8 @@ def _finetune(cfg: DyDiTRunConfig, init: Path, out_dir: Path, env: Dist, progres
     def save(step: int) -> None:
         """Collective: the training state of every rank, then rank 0's EMA safetensors."""
         model_sd, optim_sd = get_state_dict(net, optimizer)
-        rng = rng_state(device)
-        loader_state = data.state()
-        if loader_state is not None:  # a stateful loader (DALI): its reader position
-            rng["loader"] = torch.frombuffer(bytearray(loader_state), dtype=torch.uint8).clone()
         state = {"model": model_sd, "optimizer": optim_sd, "ema": get_model_state_dict(ema.model),
-                 "rng": {rank_key: rng}}
+                 "rng": {rank_key: process_state(device, data.state())}}
         meta = {"step": step, "world_size": env.world_size, "config": run_config}
         save_training_state(out_dir, step, state, meta, t.keep_last, env.is_main)
         if env.is_main:
@@ -289,13 +258,7 @@ def _finetune(cfg: DyDiTRunConfig, init: Path, out_dir: Path, env: Dist, progres
         lam = cfg.dydit.lambda_at(step)
         step_loss = torch.zeros((), device=device)
         for a, (j, _, x, y) in enumerate(data.step(step)):
-            if split:
-                torch.manual_seed(micro_batch_seed(t.seed, step, j))
-            if cfg.data.flip and not data.flips:
-                flip = torch.rand(x.shape[0], device=device) < 0.5
-                x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-            if cfg.model.num_classes == 0:
-                y = None
+            x, y = prepare_micro_batch(cfg, data, step, j, x, y, split)
             with gradient_sync(net, a == accumulation - 1), autocast:
                 terms = dydit_loss(net, x, y, lam, cfg, flops, levels, teacher)
                 (terms["loss"] / accumulation).backward()

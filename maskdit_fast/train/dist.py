@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from ..config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -70,3 +74,23 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
         x /= dist.get_world_size()
     return x
+
+
+@contextmanager
+def processes(parallel: str, device_name: str, choices: str) -> Iterator[Dist]:
+    """This process of a run with ``train.parallel=parallel``. ``none``: one plain process (a
+    torchrun launch of several is refused, naming ``choices``, the parallel modes the run takes);
+    otherwise the default process group, joined or created, and destroyed on exit if created here."""
+    if parallel == "none":
+        world_size = env_ranks()[1]
+        if world_size > 1:
+            raise ConfigError(f"train.parallel: none, but {world_size} processes were launched (torchrun); "
+                              f"set {choices}")
+        yield Dist(0, 1, select_device(device_name))
+        return
+    env, created = init_distributed(device_name)
+    try:
+        yield env
+    finally:
+        if created:
+            dist.destroy_process_group()

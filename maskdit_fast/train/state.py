@@ -89,6 +89,36 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def process_state(device: torch.device, loader_state: bytes | None) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of this process: its RNG states, plus a stateful loader's bytes
+    (DALI's reader position) when there are any."""
+    state = rng_state(device)
+    if loader_state is not None:
+        state["loader"] = torch.frombuffer(bytearray(loader_state), dtype=torch.uint8).clone()
+    return state
+
+
+def process_state_to_load(path: Path, rank_key: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """Tensors for :func:`load_into` to fill with the :func:`process_state` that ``rank_key`` saved in
+    the checkpoint ``path`` (the loader's bytes at the length they were saved with)."""
+    state = rng_state(device)
+    saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata.get(f"rng.{rank_key}.loader")
+    if saved is not None:
+        state["loader"] = torch.empty(saved.size, dtype=torch.uint8)
+    return state
+
+
+def restore_process_state(loaded: dict[str, Any], rank_key: str, device: torch.device) -> bytes | None:
+    """Set this process's RNG from the ``rng`` entry of a state filled by :func:`load_into`; returns
+    the saved loader bytes (None without them). A checkpoint written by fewer processes may have no
+    entry for this rank: then nothing is set."""
+    entry = loaded.get("rng", {}).get(rank_key)
+    if entry is None:
+        return None
+    set_rng_state(entry, device)
+    return entry["loader"].numpy().tobytes() if "loader" in entry else None
+
+
 def _no_dist() -> bool:
     return not dist.is_initialized()
 

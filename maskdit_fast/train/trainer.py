@@ -21,8 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.fsdp import FSDPModule
@@ -37,14 +35,21 @@ from ..data.sampler import micro_batch_seed, split_global_batch
 from ..diffusion.loss import edm_loss
 from ..eval.images import to_uint8_nhwc
 from ..generate import generate, save_grid
-from .dist import Dist, all_reduce_mean, barrier, env_ranks, init_distributed, select_device
+from .dist import Dist, all_reduce_mean, barrier, processes, select_device
 from .ema import EMA
 from .parallel import clip_grad_norm, gradient_sync, parallelize
-from .state import (atomic_write, latest_training_state, load_into, load_training_state, rng_state,
-                    save_training_state, set_rng_state, trim_metrics)
+from .state import (atomic_write, latest_training_state, load_into, load_training_state, process_state,
+                    process_state_to_load, restore_process_state, save_training_state, trim_metrics)
 
 log = logging.getLogger(__name__)
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast to ``precision`` (bf16 | fp16) on ``device``; a no-op context for fp32."""
+    if precision in AUTOCAST_DTYPES:
+        return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+    return contextlib.nullcontext()
 __all__ = ["learning_rate", "select_device", "train"]
 
 
@@ -69,6 +74,20 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def prepare_micro_batch(cfg: Config, data, step: int, j: int, x: torch.Tensor, y: torch.Tensor, split: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Micro-batch ``j`` of ``step`` as the loss takes it. ``split`` (the global batch is shared by
+    processes or micro-batches): the RNG is seeded by the micro-batch's place in the global batch,
+    so its noise does not depend on the split. Random horizontal flips unless the loader flips
+    (``data.flips``); no labels for an unconditional model. x: (m, C, H, W), y: (m,) int64."""
+    if split:
+        torch.manual_seed(micro_batch_seed(cfg.train.seed, step, j))
+    if cfg.data.flip and not data.flips:
+        flip = torch.rand(x.shape[0], device=x.device) < 0.5
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    return x, (None if cfg.model.num_classes == 0 else y)
 
 
 def write_sample_grid(cfg: Config, ema_net, path: Path) -> bool:
@@ -123,11 +142,8 @@ def _restore(path: Path, cfg: Config, env: Dist, net, optimizer, ema: EMA, scale
                          "that version, or start a new run from its weights with --init-from")
     model_sd, optim_sd = get_state_dict(net, optimizer)
     rank_key = f"rank{env.rank}"
-    rng = rng_state(env.device)
-    saved_loader = FileSystemReader(str(path)).read_metadata().state_dict_metadata.get(f"rng.{rank_key}.loader")
-    if saved_loader is not None:  # a stateful loader's bytes, of the length it had
-        rng["loader"] = torch.empty(saved_loader.size, dtype=torch.uint8)
-    state = {"model": model_sd, "optimizer": optim_sd, "ema": get_model_state_dict(ema.model), "rng": {rank_key: rng}}
+    state = {"model": model_sd, "optimizer": optim_sd, "ema": get_model_state_dict(ema.model),
+             "rng": {rank_key: process_state_to_load(path, rank_key, env.device)}}
     meta = load_into(path, state)
     saved = meta["config"]
     if saved["model"] != config_to_dict(cfg.model):
@@ -139,11 +155,7 @@ def _restore(path: Path, cfg: Config, env: Dist, net, optimizer, ema: EMA, scale
     set_state_dict(net, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     set_model_state_dict(ema.model, state["ema"])
     scaler.load_state_dict(meta["scaler"])
-    loader_state = None
-    if rank_key in state.get("rng", {}):
-        set_rng_state(state["rng"][rank_key], env.device)
-        if "loader" in state["rng"][rank_key]:  # the loader checks that it fits this run's split
-            loader_state = state["rng"][rank_key]["loader"].numpy().tobytes()
+    loader_state = restore_process_state(state, rank_key, env.device)  # the loader checks it fits this split
     log.info("resumed from %s at step %d (written by %d processes)", path, meta["step"], meta["world_size"])
     return meta["step"], loader_state
 
@@ -189,20 +201,8 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, init_from: str
     default process group (creating it from torchrun's environment, or a group of one in a plain
     ``python`` launch) and destroys it at the end if it created it.
     """
-    t = cfg.train
-    if t.parallel == "none":
-        world_size = env_ranks()[1]
-        if world_size > 1:
-            raise ConfigError(f"train.parallel: none, but {world_size} processes were launched (torchrun); "
-                              "set parallel=ddp or parallel=fsdp")
-        env, created = Dist(0, 1, select_device(t.device)), False
-    else:
-        env, created = init_distributed(t.device)
-    try:
+    with processes(cfg.train.parallel, cfg.train.device, "parallel=ddp or parallel=fsdp") as env:
         return _train(cfg, Path(out_dir), env, resume, init_from, progress)
-    finally:
-        if created:
-            dist.destroy_process_group()
 
 
 def _train(cfg: Config, out_dir: Path, env: Dist, resume: bool, init_from: str | None, progress: bool) -> Path:
@@ -248,20 +248,15 @@ def _train(cfg: Config, out_dir: Path, env: Dist, resume: bool, init_from: str |
         (out_dir / "config.yaml").write_text(json.dumps(config_to_dict(cfg), indent=2))
         trim_metrics(out_dir / "metrics.jsonl", start)  # rows past the checkpoint are logged again
         metrics_file = (out_dir / "metrics.jsonl").open("a")
-    autocast = (torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision]) if precision in AUTOCAST_DTYPES
-                else contextlib.nullcontext())
+    autocast = autocast_for(precision, device)
     sums = torch.zeros(3, device=device)  # loss, dsm, mae since the last log line (finite steps only)
     grad_norms = torch.zeros((), device=device)
     window_start, window_steps, window_skipped, skipped = time.perf_counter(), 0, 0, 0
 
     def checkpoint(step: int, ema_weights: dict | None) -> None:
         model_sd, optim_sd = get_state_dict(net, optimizer)
-        rng = rng_state(device)
-        loader_state = data.state()
-        if loader_state is not None:  # a stateful loader (DALI): its reader position, per rank
-            rng["loader"] = torch.frombuffer(bytearray(loader_state), dtype=torch.uint8).clone()
         state = {"model": model_sd, "optimizer": optim_sd, "ema": get_model_state_dict(ema.model),
-                 "rng": {f"rank{env.rank}": rng}}
+                 "rng": {f"rank{env.rank}": process_state(device, data.state())}}
         config = config_to_dict(cfg)
         meta = {"step": step, "world_size": env.world_size, "scaler": scaler.state_dict(), "config": config}
         save_training_state(out_dir, step, state, meta, t.keep_last, env.is_main)
@@ -279,13 +274,7 @@ def _train(cfg: Config, out_dir: Path, env: Dist, resume: bool, init_from: str |
         step_terms = torch.zeros(3, device=device)
         inputs = []  # this rank's micro-batches, saved if the loss is not finite
         for a, (j, idx, x, y) in enumerate(data.step(step)):
-            if split:
-                torch.manual_seed(micro_batch_seed(t.seed, step, j))
-            if cfg.data.flip and not data.flips:
-                flip = torch.rand(x.shape[0], device=device) < 0.5
-                x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-            if cfg.model.num_classes == 0:
-                y = None
+            x, y = prepare_micro_batch(cfg, data, step, j, x, y, split)
             with gradient_sync(net, a == accumulation - 1):
                 with autocast:
                     terms = edm_loss(net, x, y, mask_ratio, cfg.loss)

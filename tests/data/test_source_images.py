@@ -11,10 +11,9 @@ from maskdit_fast.data.images import UnreadableImage, decode_pil, list_image_fol
 from maskdit_fast.data.latents import flip_coins, posterior_noise
 from maskdit_fast.data.loader import ImageLoader, build_loader
 from maskdit_fast.data.sampler import EpochBatches
-from maskdit_fast.train.state import latest_training_state, load_training_state
 from maskdit_fast.train.trainer import train
 from tests.data.helpers import make_image_folder
-from tests.helpers import train_and_crash, tiny_config
+from tests.helpers import assert_same_final_state, train_and_crash, tiny_config
 
 diffusers = pytest.importorskip("diffusers", reason="data.source=images needs diffusers: pip install -e '.[vae]'")
 SCALE = 0.18215
@@ -150,9 +149,4 @@ def test_training_from_images_resumes_exactly(tmp_path, folder, tiny_vae, monkey
     assert (tmp_path / "straight" / "samples" / "step-0000005.png").is_file()  # decoded with data.vae
     train_and_crash(cfg, tmp_path / "crashed", 3, monkeypatch)
     train(cfg, tmp_path / "crashed", resume=True, progress=False)
-    a = load_training_state(latest_training_state(tmp_path / "straight"))
-    b = load_training_state(latest_training_state(tmp_path / "crashed"))
-    assert a["step"] == b["step"] == 5
-    for key in ("model", "ema"):
-        for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
+    assert_same_final_state(tmp_path / "straight", tmp_path / "crashed", 5)

@@ -2,12 +2,11 @@
 import json
 
 import pytest
-import torch
 
-from maskdit_fast.train.state import latest_training_state, load_training_state
+from maskdit_fast.train.state import latest_training_state
 from maskdit_fast.train.trainer import train
 from tests.data.helpers import make_latent_folder
-from tests.helpers import train_and_crash, tiny_config
+from tests.helpers import assert_same_final_state, train_and_crash, tiny_config
 
 
 def latent_config(path, *overrides):
@@ -31,12 +30,7 @@ def test_crashed_latent_run_resumes_exactly_with_worker_processes(tmp_path, monk
     train(cfg, tmp_path / "straight", progress=False)
     train_and_crash(cfg, tmp_path / "crashed", 3, monkeypatch)
     train(cfg, tmp_path / "crashed", resume=True, progress=False)
-    a = load_training_state(latest_training_state(tmp_path / "straight"))
-    b = load_training_state(latest_training_state(tmp_path / "crashed"))
-    assert a["step"] == b["step"] == 5
-    for key in ("model", "ema"):
-        for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
+    assert_same_final_state(tmp_path / "straight", tmp_path / "crashed", 5)
 
 
 def test_wrong_latent_shape_is_a_clear_error(tmp_path):

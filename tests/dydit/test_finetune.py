@@ -17,7 +17,7 @@ from maskdit_fast.dydit.__main__ import main
 from maskdit_fast.dydit.finetune import dydit_loss, sampler_sigmas, training_sigmas
 
 from maskdit_fast.train.state import latest_training_state, load_training_state
-from tests.helpers import train_and_crash
+from tests.helpers import assert_same_final_state, train_and_crash
 
 from .helpers import random_base
 
@@ -122,12 +122,7 @@ def test_killed_finetune_resumes_to_the_same_weights(tmp_path, base_ckpt, monkey
         finetune_cli(tmp_path / "crashed", "--resume", "dydit.target=0.3")
     finetune_cli(tmp_path / "crashed", "--resume")
 
-    a = load_training_state(latest_training_state(tmp_path / "straight"))
-    b = load_training_state(latest_training_state(tmp_path / "crashed"))
-    assert a["step"] == b["step"] == 5
-    for key in ("model", "ema"):
-        for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
+    assert_same_final_state(tmp_path / "straight", tmp_path / "crashed", 5)
     for name, tensor in load_dydit(tmp_path / "straight" / "ema.safetensors").state_dict().items():
         assert torch.equal(tensor, load_dydit(tmp_path / "crashed" / "ema.safetensors").state_dict()[name])
     steps = [json.loads(line)["step"] for line in (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()]
@@ -187,12 +182,8 @@ def test_finetune_on_latent_shards_resumes_exactly(tmp_path, latent_base, monkey
     finetune_cli(tmp_path / "straight")
     train_and_crash(None, tmp_path / "crashed", 3, monkeypatch, run=lambda: finetune_cli(tmp_path / "crashed"))
     finetune_cli(tmp_path / "crashed", "--resume")
-    a = load_training_state(latest_training_state(tmp_path / "straight"))
-    b = load_training_state(latest_training_state(tmp_path / "crashed"))
-    assert a["step"] == b["step"] == 5
+    a, _ = assert_same_final_state(tmp_path / "straight", tmp_path / "crashed", 5, parts=("model",))
     assert ("loader" in a["rng"]["rank0"]) == (loader == "dali")  # DALI's reader position is saved
-    for name in a["model"]:
-        assert torch.equal(a["model"][name], b["model"][name]), f"model.{name} differs after resume"
     rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in rows) and len(rows) == 5
     assert load_dydit(tmp_path / "straight" / "ema.safetensors").model.cfg.in_channels == 4

@@ -12,7 +12,7 @@ from maskdit_fast.train import state as state_module
 from maskdit_fast.train import trainer as trainer_module
 from maskdit_fast.train.state import atomic_write, latest_training_state, load_training_state
 from maskdit_fast.train.trainer import learning_rate, train
-from tests.helpers import train_and_crash, tiny_config
+from tests.helpers import assert_same_final_state, train_and_crash, tiny_config
 
 
 def params(path):
@@ -28,12 +28,7 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, monkeypatch):
     assert load_training_state(latest_training_state(tmp_path / "crashed"))["step"] == 3
     train(cfg, tmp_path / "crashed", resume=True, progress=False)
 
-    a = load_training_state(latest_training_state(tmp_path / "straight"))
-    b = load_training_state(latest_training_state(tmp_path / "crashed"))
-    assert a["step"] == b["step"] == 8
-    for key in ("model", "ema"):
-        for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
+    a, b = assert_same_final_state(tmp_path / "straight", tmp_path / "crashed", 8)
     assert torch.equal(a["rng"]["rank0"]["cpu"], b["rng"]["rank0"]["cpu"])
     steps = [json.loads(line)["step"] for line in (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6, 8]  # step 4, logged after the checkpoint of step 3 and before the crash, once
