@@ -22,9 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import kernels
-
-from ..models.layers import DiTBlock
+from ..models.layers import DiTBlock, attend, gelu
 from .config import RouterConfig
 from .routers import TokenRouter, WidthRouter, decide
 from .tokens import gated_unpack_add, pack
@@ -109,7 +107,7 @@ class DyDiTBlock(DiTBlock):
         if fast and self.training:
             raise ValueError("the fast path takes hard decisions and has no router gradients; use it in eval mode")
         heads, groups = self._width_decisions(t_emb, x.shape[0], x)
-        mod = self.adaLN_modulation(c).chunk(6, dim=-1)
+        mod = self.modulation(c)
         if not fast:
             x, tokens = self._masked(x, mod, heads, groups)
         else:
@@ -118,18 +116,16 @@ class DyDiTBlock(DiTBlock):
         return x
 
     def _masked(self, x, mod, heads, groups):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        n, length, dim = x.shape
-        h = kernels.layernorm_modulate(x, shift_msa, scale_msa)
-        q, k, v = self.attn.qkv(h).view(n, length, 3, self.num_heads, dim // self.num_heads).unbind(2)
-        o = kernels.attention(q, k, v) * heads.to(q.dtype)[:, None, :, None]
-        x, h = kernels.gated_residual_layernorm_modulate(x, gate_msa, self.attn.proj(o.reshape(n, length, dim)),
-                                                         shift_mlp, scale_mlp)
+        """The block's two steps, attention heads and MLP channel groups weighted by the decisions,
+        each token's MLP output by its token decision."""
+        x, h = self.attention_step(x, mod, lambda h: self.attn(h, heads))
         tokens = self._token_decisions(x)
-        hidden = F.gelu(self.mlp.fc1(h), approximate="tanh")
-        hidden = (hidden.view(n, length, self.num_heads, -1) * groups.to(hidden.dtype)[:, None, :, None]).flatten(2)
-        y = self.mlp.fc2(hidden) * tokens.to(hidden.dtype).unsqueeze(-1)
-        return kernels.gated_residual(x, gate_mlp, y), tokens
+
+        def mlp(h: torch.Tensor) -> torch.Tensor:
+            y = self.mlp(h, groups)
+            return y * tokens.to(y.dtype).unsqueeze(-1)
+
+        return self.mlp_step(x, h, mod, mlp), tokens
 
     def _fast_grouped(self, x, mod, heads, groups):
         """Split the batch by distinct (heads, groups) patterns; one sliced pass per pattern."""
@@ -145,21 +141,21 @@ class DyDiTBlock(DiTBlock):
         return out, tokens
 
     def _fast(self, x, mod, head_on, group_on):
-        """x: (N, L, D); head_on, group_on: (H,) bool, shared by the N samples."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        """x: (N, L, D); head_on, group_on: (H,) bool, shared by the N samples. The block's attention
+        step with sliced weights; the MLP on the packed tokens that need it."""
         n, length, _ = x.shape
-        h = kernels.layernorm_modulate(x, shift_msa, scale_msa)
-        x, h = kernels.gated_residual_layernorm_modulate(x, gate_msa, self._sliced_attention(h, head_on),
-                                                         shift_mlp, scale_mlp)
+        x, h = self.attention_step(x, mod, lambda h: self._sliced_attention(h, head_on))
         tokens = self._token_decisions(x)
         ids = tokens.reshape(-1).nonzero().squeeze(1)  # active tokens, packed across the batch
         if ids.numel() == 0:
             return x, tokens
+        mlp = lambda h: self._sliced_mlp(h, group_on)  # noqa: E731
         if ids.numel() == n * length:
-            return kernels.gated_residual(x, gate_mlp, self._sliced_mlp(h, group_on)), tokens
-        return gated_unpack_add(x, gate_mlp, self._sliced_mlp(pack(h, ids), group_on), ids), tokens
+            return self.mlp_step(x, h, mod, mlp), tokens
+        return gated_unpack_add(x, mod[5], mlp(pack(h, ids)), ids), tokens
 
     def _sliced_attention(self, h: torch.Tensor, head_on: torch.Tensor) -> torch.Tensor:
+        """The attention with the qkv rows and proj columns of the heads in ``head_on`` only."""
         n, length, dim = h.shape
         heads, head_dim = self.num_heads, dim // self.num_heads
         qkv, proj = self.attn.qkv, self.attn.proj
@@ -173,10 +169,10 @@ class DyDiTBlock(DiTBlock):
             w_qkv = qkv.weight.view(3, heads, head_dim, dim)[:, idx].reshape(3 * active * head_dim, dim)
             b_qkv = qkv.bias.view(3, heads, head_dim)[:, idx].reshape(-1)
             w_proj = proj.weight.view(dim, heads, head_dim)[:, idx].reshape(dim, active * head_dim)
-        q, k, v = F.linear(h, w_qkv, b_qkv).view(n, length, 3, active, head_dim).unbind(2)
-        return F.linear(kernels.attention(q, k, v).reshape(n, length, active * head_dim), w_proj, proj.bias)
+        return F.linear(attend(F.linear(h, w_qkv, b_qkv), active), w_proj, proj.bias)
 
     def _sliced_mlp(self, h: torch.Tensor, group_on: torch.Tensor) -> torch.Tensor:
+        """The MLP with the fc1 rows and fc2 columns of the channel groups in ``group_on`` only."""
         fc1, fc2 = self.mlp.fc1, self.mlp.fc2
         groups = self.num_heads
         active = int(group_on.sum())
@@ -190,4 +186,4 @@ class DyDiTBlock(DiTBlock):
             w1 = fc1.weight.view(groups, size, -1)[idx].reshape(active * size, -1)
             b1 = fc1.bias.view(groups, size)[idx].reshape(-1)
             w2 = fc2.weight.view(fc2.out_features, groups, size)[:, idx].reshape(fc2.out_features, active * size)
-        return F.linear(F.gelu(F.linear(h, w1, b1), approximate="tanh"), w2, fc2.bias)
+        return F.linear(gelu(F.linear(h, w1, b1)), w2, fc2.bias)

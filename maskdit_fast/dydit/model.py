@@ -16,7 +16,6 @@ from torch import nn
 from ..config import ModelConfig
 from ..diffusion.edm import EDMPrecond
 from ..models import DiT, MaskDiT
-from ..models.layers import unpatchify
 from .block import MODES, DyDiTBlock, Routing
 from .config import RouterConfig
 
@@ -50,36 +49,21 @@ class _Dynamic:
         for block in self.dynamic_blocks():
             block.mode = mode
 
-    def _conditions(self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(c, t_emb): the blocks' conditioning (as DiT.condition) and the timestep embedding alone."""
-        t_emb = self.t_embedder(noise_labels)
-        return self.add_class(t_emb, class_labels), t_emb
+    # ---- DiT's forward steps, with dynamic blocks ---------------------------------------------
+    def embed(self, x: torch.Tensor, ids_keep: torch.Tensor | None) -> torch.Tensor:
+        if ids_keep is not None:
+            raise ValueError("DyDiT runs on every token (MaskDiT's unmasked path); ids_keep must be None")
+        return super().embed(x, None)
 
-    @staticmethod
-    def _run(blocks: nn.ModuleList, tokens: torch.Tensor, c: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+    def run_blocks(self, blocks: nn.ModuleList, tokens: torch.Tensor, c: torch.Tensor,
+                   t_emb: torch.Tensor) -> torch.Tensor:
         for block in blocks:
             tokens = block(tokens, c, t_emb) if isinstance(block, DyDiTBlock) else block(tokens, c)
         return tokens
 
-    def _collect(self) -> None:
-        self.routing = [b.routing for b in self.dynamic_blocks()]
-
-    def _head(self, tokens: torch.Tensor, c: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
-        """What runs between the encoder blocks and the final layer (MaskDiT: its decoder)."""
-        return tokens
-
-    def forward(self, x, noise_labels, class_labels=None, ids_keep=None):
-        """The base model's full-token forward with dynamic blocks; records ``self.routing``."""
-        _no_masking(ids_keep)
-        c, t_emb = self._conditions(noise_labels, class_labels)
-        tokens = self._head(self._run(self.blocks, self._embed(x), c, t_emb), c, t_emb)
-        self._collect()
-        return unpatchify(self.final_layer(tokens, c), self.patch_size, self.in_channels)
-
-
-def _no_masking(ids_keep: torch.Tensor | None) -> None:
-    if ids_keep is not None:
-        raise ValueError("DyDiT runs on every token (MaskDiT's unmasked path); ids_keep must be None")
+    def head(self, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        self.routing = [b.routing for b in self.dynamic_blocks()]  # every block has run: record its decisions
+        return super().head(tokens, c)
 
 
 class DyDiT(_Dynamic, DiT):
@@ -89,9 +73,6 @@ class DyDiT(_Dynamic, DiT):
         super().__init__(cfg)
         self._make_dynamic(router)
 
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.x_embedder(x) + self.pos_embed.to(x.dtype)  # as DiT.forward
-
 
 class DyMaskDiT(_Dynamic, MaskDiT):
     """MaskDiT (full-token path) with routers in the encoder blocks and, optionally, the decoder's."""
@@ -99,15 +80,6 @@ class DyMaskDiT(_Dynamic, MaskDiT):
     def __init__(self, cfg: ModelConfig, router: RouterConfig):
         super().__init__(cfg)
         self._make_dynamic(router)
-
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.x_embedder(x)
-        return tokens + self.pos_embed.to(tokens.dtype)  # as MaskDiT.forward
-
-    def _head(self, tokens: torch.Tensor, c: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
-        tokens = self.decoder_layer(tokens, c)
-        tokens = tokens + self.decoder_pos_embed.to(tokens.dtype)
-        return self._run(self.decoder_blocks, tokens, c, t_emb)
 
 
 def build_dydit(cfg: ModelConfig, router: RouterConfig) -> EDMPrecond:

@@ -5,6 +5,7 @@ from ..config import DIT_SIZES, ModelConfig
 from .dit import DiT
 from .maskdit import MaskDiT
 from .masking import mask_from_ids, num_kept, random_masking
+from .precision import RESIDUAL_DTYPE, precision_policy
 
 
 def build_model(cfg: ModelConfig) -> DiT:
@@ -12,4 +13,7 @@ def build_model(cfg: ModelConfig) -> DiT:
     return MaskDiT(cfg) if cfg.arch == "maskdit" else DiT(cfg)
 
 
-__all__ = ["DIT_SIZES", "DiT", "MaskDiT", "build_model", "mask_from_ids", "num_kept", "random_masking"]
+__all__ = [
+    "DIT_SIZES", "RESIDUAL_DTYPE", "DiT", "MaskDiT", "build_model", "mask_from_ids", "num_kept", "precision_policy",
+    "random_masking",
+]

@@ -1,7 +1,9 @@
 """The DiT baseline (Peebles & Xie): adaLN-Zero transformer on patch tokens.
 
 ``DiT.forward(x, noise_labels, class_labels)`` returns the raw network output F; EDM
-preconditioning lives in :mod:`maskdit_fast.diffusion.edm`.
+preconditioning lives in :mod:`maskdit_fast.diffusion.edm`. The forward is four steps, ``embed``
+(tokens + position) -> ``run_blocks`` -> ``decode`` (nothing here; MaskDiT's decoder) -> ``head``
+(final layer, unpatchify); MaskDiT and DyDiT override steps, never the whole forward.
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import torch.nn as nn
 
 from ..config import ModelConfig
 from .layers import DiTBlock, LabelEmbedder, ModulatedLinear, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, unpatchify
+from .precision import to_residual
+
 
 class DiT(nn.Module):
     """DiT on (N, C, H, W) inputs, class-conditional (num_classes > 0) or unconditional."""
@@ -55,10 +59,6 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def condition(self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
-        """noise_labels: (N,) float; class_labels: (N,) int64 (``num_classes`` = none) or None -> c: (N, D)."""
-        return self.add_class(self.t_embedder(noise_labels), class_labels)
-
     def add_class(self, t_emb: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
         """The blocks' conditioning from the timestep embedding t_emb (N, D): t_emb + class embedding
         (none for unconditional models; ``class_labels`` None = "no class") -> c: (N, D)."""
@@ -68,6 +68,7 @@ class DiT(nn.Module):
             class_labels = torch.full(t_emb.shape[:1], self.cfg.num_classes, dtype=torch.long, device=t_emb.device)
         return t_emb + self.y_embedder(class_labels)
 
+    # ---- the forward, in steps that MaskDiT and DyDiT override ------------------------------
     def forward(
         self,
         x: torch.Tensor,
@@ -75,15 +76,35 @@ class DiT(nn.Module):
         class_labels: torch.Tensor | None = None,
         ids_keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: (N, C, H, W); noise_labels: (N,); class_labels: (N,) int64 or None -> F: (N, C, H, W).
+        """x: (N, C, H, W); noise_labels: (N,); class_labels: (N,) int64 or None;
+        ids_keep: (N, K) int64 kept token indices (MaskDiT's masked training) or None -> F: (N, C, H, W)."""
+        t_emb = self.t_embedder(noise_labels)
+        c = self.add_class(t_emb, class_labels)
+        tokens = self.embed(x, ids_keep)
+        tokens = self.run_blocks(self.blocks, tokens, c, t_emb)
+        tokens = self.decode(tokens, c, t_emb, ids_keep)
+        return self.head(tokens, c)
 
-        ``ids_keep`` (masked training) is only meaningful for MaskDiT.
-        """
+    def embed(self, x: torch.Tensor, ids_keep: torch.Tensor | None) -> torch.Tensor:
+        """x: (N, C, H, W) -> the residual stream (N, L, D) in the model's dtype (models/precision.py)."""
         if ids_keep is not None:
             raise ValueError("the plain DiT has no decoder and cannot train with masking; "
                              "use model.arch=maskdit or model.mask_ratio=0")
-        c = self.condition(noise_labels, class_labels)
-        tokens = self.x_embedder(x) + self.pos_embed.to(x.dtype)
-        for block in self.blocks:
+        return to_residual(self.x_embedder(x), self.pos_embed) + self.pos_embed
+
+    def run_blocks(self, blocks: nn.ModuleList, tokens: torch.Tensor, c: torch.Tensor,
+                   t_emb: torch.Tensor) -> torch.Tensor:
+        """tokens: (N, L, D), c: (N, D) the blocks' conditioning, t_emb: (N, D) the timestep embedding
+        alone (DyDiT's width routers read it) -> (N, L, D)."""
+        for block in blocks:
             tokens = block(tokens, c)
+        return tokens
+
+    def decode(self, tokens: torch.Tensor, c: torch.Tensor, t_emb: torch.Tensor,
+               ids_keep: torch.Tensor | None) -> torch.Tensor:
+        """What runs between the encoder blocks and the final layer: nothing in DiT (MaskDiT: its decoder)."""
+        return tokens
+
+    def head(self, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """tokens: (N, L, D_head) -> F: (N, C, H, W): final adaLN layer, then unpatchify."""
         return unpatchify(self.final_layer(tokens, c), self.patch_size, self.in_channels)

@@ -106,11 +106,25 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (N, L, D) -> (N, L, D)."""
-        n, length, dim = x.shape
-        q, k, v = self.qkv(x).view(n, length, 3, self.num_heads, dim // self.num_heads).unbind(2)
-        return self.proj(kernels.attention(q, k, v).reshape(n, length, dim))
+    def forward(self, x: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (N, L, D); heads: (N, H) per-head output weights (DyDiT's 0/1 decisions) or None -> (N, L, D)."""
+        return self.proj(attend(self.qkv(x), self.num_heads, heads))
+
+
+def attend(qkv: torch.Tensor, num_heads: int, heads: torch.Tensor | None = None) -> torch.Tensor:
+    """qkv: (N, L, 3 * H * Dh), laid out (3, H, Dh) -> attention output (N, L, H * Dh), head h scaled by
+    ``heads[:, h]`` when given. DyDiT's sliced attention calls it with the rows of its active heads."""
+    n, length, width = qkv.shape
+    q, k, v = qkv.view(n, length, 3, num_heads, width // (3 * num_heads)).unbind(2)
+    out = kernels.attention(q, k, v)
+    if heads is not None:
+        out = out * heads.to(out.dtype)[:, None, :, None]
+    return out.reshape(n, length, -1)
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """The MLP's activation: GELU, tanh approximation (as the official release)."""
+    return F.gelu(x, approximate="tanh")
 
 
 class Mlp(nn.Module):
@@ -121,15 +135,23 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+    def forward(self, x: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (N, L, D); groups: (N, G) weights of G equal channel groups of the hidden layer (DyDiT's
+        0/1 decisions) or None -> (N, L, D)."""
+        hidden = gelu(self.fc1(x))
+        if groups is not None:
+            n, length, width = hidden.shape
+            hidden = (hidden.view(n, length, groups.shape[1], -1) * groups.to(hidden.dtype)[:, None, :, None]
+                      ).view(n, length, width)
+        return self.fc2(hidden)
 
 
 class DiTBlock(nn.Module):
     """adaLN-Zero transformer block of width ``dim`` conditioned on ``c`` of width ``cond_dim``.
 
     LN+modulate -> attention -> gated residual -> LN+modulate -> MLP -> gated residual; the middle
-    "gated residual, then LN+modulate" pair is one fused op.
+    "gated residual, then LN+modulate" pair is one fused op. The two halves are steps
+    (:meth:`attention_step`, :meth:`mlp_step`) that DyDiT's block runs with its own attention / MLP.
     """
 
     def __init__(self, dim: int, num_heads: int, cond_dim: int, mlp_ratio: float = 4.0):
@@ -140,10 +162,25 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """x: (N, L, D), c: (N, cond_dim) -> (N, L, D)."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
-        h = self.attn(kernels.layernorm_modulate(x, shift_msa, scale_msa))
-        x, h = kernels.gated_residual_layernorm_modulate(x, gate_msa, h, shift_mlp, scale_mlp)
-        return kernels.gated_residual(x, gate_mlp, self.mlp(h))
+        mod = self.modulation(c)
+        x, h = self.attention_step(x, mod, self.attn)
+        return self.mlp_step(x, h, mod, self.mlp)
+
+    def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """c: (N, cond_dim) -> (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), each (N, D)."""
+        return self.adaLN_modulation(c).chunk(6, dim=-1)
+
+    @staticmethod
+    def attention_step(x: torch.Tensor, mod: tuple[torch.Tensor, ...], attention) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (N, L, D) -> (x + gate_msa * attention(LN+mod(x)), LN+mod of that for the MLP), both (N, L, D)."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, _ = mod
+        h = attention(kernels.layernorm_modulate(x, shift_msa, scale_msa))
+        return kernels.gated_residual_layernorm_modulate(x, gate_msa, h, shift_mlp, scale_mlp)
+
+    @staticmethod
+    def mlp_step(x: torch.Tensor, h: torch.Tensor, mod: tuple[torch.Tensor, ...], mlp) -> torch.Tensor:
+        """x, h: (N, L, D) (residual stream, modulated MLP input) -> x + gate_mlp * mlp(h): (N, L, D)."""
+        return kernels.gated_residual(x, mod[5], mlp(h))
 
 
 class ModulatedLinear(nn.Module):

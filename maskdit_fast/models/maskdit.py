@@ -4,6 +4,13 @@ Training passes ``ids_keep`` (from :func:`maskdit_fast.models.masking.random_mas
 encoder sees only those tokens, the decoder input layer maps them to the decoder width, the
 learned mask token fills the other positions, and the decoder blocks run on the whole sequence.
 Without ``ids_keep`` (unmasked fine-tune, sampling) the encoder sees every token.
+
+The training step top to bottom: :meth:`DiT.forward` (conditioning, then the steps) ->
+:meth:`MaskDiT.embed` (patch embed, ``kernels.gather_tokens`` of the kept tokens + position) ->
+the encoder :class:`~.layers.DiTBlock` s (``kernels.layernorm_modulate``, attention,
+``kernels.gated_residual_layernorm_modulate``, MLP, ``kernels.gated_residual``) -> :meth:`MaskDiT.decode`
+(decoder input layer, ``kernels.scatter_tokens`` with the mask token + decoder position, decoder
+blocks) -> :meth:`DiT.head`; the loss is :func:`maskdit_fast.diffusion.loss.edm_loss`.
 """
 from __future__ import annotations
 
@@ -13,7 +20,8 @@ import torch.nn as nn
 import kernels
 
 from .dit import DiT
-from .layers import DiTBlock, ModulatedLinear, sincos_pos_embed_2d, unpatchify
+from .layers import DiTBlock, ModulatedLinear, sincos_pos_embed_2d
+from .precision import to_residual
 
 
 class MaskDiT(DiT):
@@ -34,28 +42,22 @@ class MaskDiT(DiT):
         super().initialize_weights()
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        noise_labels: torch.Tensor,
-        class_labels: torch.Tensor | None = None,
-        ids_keep: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """x: (N, C, H, W); noise_labels: (N,); class_labels: (N,) int64 or None;
-        ids_keep: (N, K) int64 kept token indices or None (all tokens) -> F: (N, C, H, W)."""
-        c = self.condition(noise_labels, class_labels)
-        tokens = self.x_embedder(x)
-        pos = self.pos_embed.to(tokens.dtype)
-        tokens = tokens + pos if ids_keep is None else kernels.gather_tokens(tokens, ids_keep, pos)
-        for block in self.blocks:
-            tokens = block(tokens, c)
-        tokens = self.decoder_layer(tokens, c)
-        dec_pos = self.decoder_pos_embed.to(tokens.dtype)
+    def embed(self, x: torch.Tensor, ids_keep: torch.Tensor | None) -> torch.Tensor:
+        """x: (N, C, H, W) -> the encoder's tokens (+ position): (N, K, D) the kept ones, (N, L, D) all
+        when ``ids_keep`` is None (unmasked fine-tune, sampling); in the model's dtype."""
+        tokens = to_residual(self.x_embedder(x), self.pos_embed)
         if ids_keep is None:
-            tokens = tokens + dec_pos
+            return tokens + self.pos_embed
+        return kernels.gather_tokens(tokens, ids_keep, self.pos_embed)
+
+    def decode(self, tokens: torch.Tensor, c: torch.Tensor, t_emb: torch.Tensor,
+               ids_keep: torch.Tensor | None) -> torch.Tensor:
+        """Encoder output (N, K or L, D) -> decoder input layer -> all L positions, the masked ones
+        filled with the mask token (+ decoder position) -> decoder blocks -> (N, L, D_dec)."""
+        tokens = to_residual(self.decoder_layer(tokens, c), self.decoder_pos_embed)
+        if ids_keep is None:
+            tokens = tokens + self.decoder_pos_embed
         else:
             fill = self.mask_token.view(-1).to(tokens.dtype)
-            tokens = kernels.scatter_tokens(tokens, ids_keep, self.num_patches, fill, dec_pos)
-        for block in self.decoder_blocks:
-            tokens = block(tokens, c)
-        return unpatchify(self.final_layer(tokens, c), self.patch_size, self.in_channels)
+            tokens = kernels.scatter_tokens(tokens, ids_keep, self.num_patches, fill, self.decoder_pos_embed)
+        return self.run_blocks(self.decoder_blocks, tokens, c, t_emb)
