@@ -36,12 +36,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.measure import git_state, machine, synchronize, versions
-from maskdit_fast.checkpoint import build_net, load_checkpoint, sample_settings
+from maskdit_fast.checkpoint import load_checkpoint, sample_settings
 from maskdit_fast.config import DIT_SIZES, ModelConfig, SampleConfig
+from maskdit_fast.diffusion.edm import build_net
 from maskdit_fast.dydit import FlopsMeter, load_dydit, model_flops, to_dydit
 from maskdit_fast.dydit.checkpoint import is_dydit
 from maskdit_fast.generate import generate, make_grid, seed_labels
-from maskdit_fast.train.trainer import autocast_for
+from maskdit_fast.models.precision import autocast_for
 
 TARGETS = (0.7, 0.5, 0.3)
 TINY = ModelConfig(arch="maskdit", size=None, hidden_size=64, depth=4, num_heads=4, patch_size=4, input_size=32,

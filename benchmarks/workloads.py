@@ -12,11 +12,11 @@ from collections.abc import Iterator
 import torch
 
 import kernels
-from maskdit_fast.checkpoint import build_net
 from maskdit_fast.config import LossConfig
 from maskdit_fast.diffusion import edm_loss, edm_sample
+from maskdit_fast.diffusion.edm import build_net
+from maskdit_fast.models.precision import autocast_for
 from maskdit_fast.train.ema import EMA
-from maskdit_fast.train.trainer import autocast_for
 
 from .configs import ModelSpec, Variant
 
@@ -59,13 +59,13 @@ class TrainStep:
         self.images = torch.randn(batch, cfg.in_channels, side, side, device=device)
         self.labels = torch.randint(0, cfg.num_classes, (batch,), device=device) if cfg.num_classes else None
         self.mask_ratio = variant.mask_ratio
-        self.loss_cfg = LossConfig()
+        self.loss_cfg, self.model_cfg = LossConfig(), cfg
         self.autocast = autocast_for(variant.precision, device)
         self.step = 0
 
     def __call__(self) -> None:
         with self.autocast:
-            loss = edm_loss(self.net, self.images, self.labels, self.mask_ratio, self.loss_cfg).loss.mean()
+            loss = edm_loss(self.net, self.images, self.labels, self.mask_ratio, self.loss_cfg, self.model_cfg).loss.mean()
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -20,18 +20,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ModelConfig, config_to_dict, model_config_from_dict
+from .config import ModelConfig, config_to_dict, model_config_from_dict, router_config_from_dict
 from .data.vae import LATENT_SCALE
-from .diffusion.edm import EDMPrecond
-from .models import build_model
-from .train.state import atomic_write, latest_training_state, load_training_state
+from .diffusion.edm import EDMPrecond, build_net
+from .files import atomic_write
+from .storage import latest_training_state, load_training_state
 
 FORMAT = "maskdit_fast/edm-precond-v1"
-
-
-def build_net(cfg: ModelConfig) -> EDMPrecond:
-    """A freshly initialised preconditioned network for ``cfg``."""
-    return EDMPrecond(build_model(cfg), cfg.sigma_data)
 
 
 def save_safetensors(path: str | Path, state: dict[str, torch.Tensor], cfg: ModelConfig, extra: dict | None = None) -> None:
@@ -92,11 +87,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> EDM
     else:
         training = load_training_state(path, parts=("ema",))
         state, cfg = training["ema"], model_config_from_dict(training["config"]["model"])
-    if "dydit" in metadata:
-        from .dydit.checkpoint import dydit_net  # imported here: maskdit_fast.dydit builds on this module
-        net = dydit_net(cfg, metadata)
-    else:
-        net = build_net(cfg)
+    router = router_config_from_dict(json.loads(metadata["dydit"])) if "dydit" in metadata else None
+    net = build_net(cfg, router)
     net.load_state_dict(state)
     return net.to(device).eval().requires_grad_(False)
 

@@ -6,17 +6,12 @@ import argparse
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
 import torch
 
 from .config import ConfigError, load_config
-from .data.latents import LatentFormatError
-
-# Errors that mean bad input (a run directory in use, a missing file, a broken latent folder): the
-# command lines print their message, which says what to do, instead of a traceback.
-USER_ERRORS = (FileExistsError, FileNotFoundError, LatentFormatError)
+from .errors import USER_ERRORS
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -95,6 +90,8 @@ def sample_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--solver", choices=("heun", "euler"), default=None)
     parser.add_argument("--batch", type=int, default=64, help="images per network batch (per process)")
     parser.add_argument("--vae", default=None, help="AutoencoderKL id or local folder to decode latent models")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="network autocast: auto = bf16 on CUDA, fp32 on CPU (as eval generate)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = parser.parse_args(argv)
     if args.n < 1:
@@ -102,48 +99,30 @@ def sample_main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch.distributed as dist
 
-    from .checkpoint import load_checkpoint, sample_settings
-    from .config import SampleConfig
+    from .dist import processes
     from .dydit import FlopsMeter
-    from .eval.images import to_uint8_nhwc
-    from .generate import generate, save_grid, save_npz, seed_labels
-    from .train.dist import env_ranks, init_distributed, select_device
+    from .generate import generate, open_for_sampling, save_grid, save_npz, seed_labels, to_uint8_nhwc
+    from .models.precision import resolve_precision
 
-    created = False
-    if env_ranks()[1] > 1 or dist.is_initialized():
-        env, created = init_distributed(args.device)
+    with processes("auto", args.device) as env:
         rank, world, device = env.rank, env.world_size, env.device
-    else:
-        rank, world, device = 0, 1, select_device(args.device)
-    try:
         if args.n < world:
             parser.error(f"--n {args.n} is smaller than the {world} processes")
         try:
-            net = load_checkpoint(args.ckpt, device)
+            opened = open_for_sampling(args.ckpt, device, args.steps, args.cfg_scale, args.solver, args.vae)
+            seeds = list(range(args.seed, args.seed + args.n))
+            labels = seed_labels(seeds, opened.net.num_classes, args.class_index)
         except (FileNotFoundError, ValueError) as err:
             parser.error(str(err))
-        sample_cfg, vae, latent_scale = sample_settings(args.ckpt)
-        overrides = {k: v for k, v in (("num_steps", args.steps), ("cfg_scale", args.cfg_scale), ("solver", args.solver))
-                     if v is not None}
-        try:
-            sample_cfg = SampleConfig(**{**sample_cfg, **overrides})
-            seeds = list(range(args.seed, args.seed + args.n))
-            labels = seed_labels(seeds, net.num_classes, args.class_index)
-        except (ConfigError, ValueError) as err:
-            parser.error(str(err))
-        vae = args.vae or vae
-        decode = net.model.cfg.in_channels not in (1, 3)  # a latent model: images come from its VAE
-        if decode and not vae:
-            print(f"{args.ckpt} is a {net.model.cfg.in_channels}-channel latent model and names no VAE; pass --vae "
-                  "(an AutoencoderKL hub id such as stabilityai/sd-vae-ft-ema, or a local folder)", file=sys.stderr)
-            return 2
+        net, sample_cfg = opened.net, opened.sample
+        precision = resolve_precision(args.precision, device)
         lo, hi = rank * args.n // world, (rank + 1) * args.n // world  # this process's seeds
         with FlopsMeter(net) as meter:  # the FLOPs really executed (DyDiT: from its routers' decisions)
             images = generate(net, seeds[lo:hi], None if labels is None else labels[lo:hi], sample_cfg,
-                              batch_size=args.batch, progress=rank == 0)
-        if decode:
+                              batch_size=args.batch, progress=rank == 0, precision=precision)
+        if opened.vae:
             from .data.vae import decode_latents, load_vae
-            images = decode_latents(load_vae(vae, device), images, latent_scale)
+            images = decode_latents(load_vae(opened.vae, device), images, opened.latent_scale)
         uint8 = to_uint8_nhwc(images)
         if world > 1:
             parts = [None] * world if rank == 0 else None
@@ -156,13 +135,10 @@ def sample_main(argv: list[str] | None = None) -> int:
         save_grid(uint8, out / "grid.png", nrow=min(args.n, 8 if labels is None or args.class_index is not None else 10))
         save_npz(out / "samples.npz", uint8, labels)
         settings = {"ckpt": str(args.ckpt), "n": args.n, "seed": args.seed, "class": args.class_index,
-                    **vars(sample_cfg)}
+                    "precision": precision, **vars(sample_cfg)}
         (out / "settings.json").write_text(json.dumps(settings, indent=2))
         flops = meter.summary(images=args.n)
         (out / "flops.json").write_text(json.dumps(flops, indent=2))
         print(f"wrote {out / 'grid.png'} and {out / 'samples.npz'} ({args.n} images); measured "
               f"{flops['flops_per_image'] / 1e9:.4g} GFLOPs per image, {flops['ratio']:.3f}x the base model's")
         return 0
-    finally:
-        if created:
-            dist.destroy_process_group()

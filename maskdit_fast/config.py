@@ -96,9 +96,24 @@ class ModelConfig:
         _require(self.sigma_data > 0, "model.sigma_data", "must be positive")
         _one_of(self.kernels, "model.kernels", ("auto", "triton", "reference"))
 
-    @property
-    def num_patches(self) -> int:
-        return (self.input_size // self.patch_size) ** 2
+
+@dataclass
+class RouterConfig:
+    """What a DyDiT network is (saved in checkpoint metadata)."""
+
+    tdw: bool = True                   # timestep-wise dynamic width (heads + MLP channel groups)
+    sdt: bool = True                   # spatial-wise dynamic tokens (MLP skipped per token)
+    decoder: bool = True               # MaskDiT: routers in the decoder blocks too (else they stay static)
+    temperature: float = 5.0           # Gumbel-sigmoid temperature in training
+    width_bias: float = 15.0           # TDW router bias at conversion (all heads/groups on)
+    token_bias: float = 35.0           # SDT router output bias at conversion (all tokens on)
+    token_ratio: int = 16              # SDT router hidden width = D / token_ratio
+
+    def __post_init__(self) -> None:
+        _require(self.temperature > 0, "dydit.temperature", "must be positive")
+        _require(self.width_bias > 0, "dydit.width_bias", "must be positive (the converted model starts all on)")
+        _require(self.token_bias > 0, "dydit.token_bias", "must be positive (the converted model starts all on)")
+        _require(self.token_ratio >= 1, "dydit.token_ratio", "must be >= 1")
 
 
 @dataclass
@@ -294,5 +309,7 @@ def model_config_from_dict(values: dict) -> ModelConfig:
     return _build({"model": values}).model
 
 
-def to_yaml(cfg: Config | ModelConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+def router_config_from_dict(values: dict) -> RouterConfig:
+    """A RouterConfig from a plain dict (a DyDiT checkpoint's ``dydit`` metadata), ignoring other keys."""
+    known = {f.name for f in dataclasses.fields(RouterConfig)}
+    return RouterConfig(**{k: v for k, v in values.items() if k in known})

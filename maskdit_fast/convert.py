@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import build_net, save_safetensors
+from .checkpoint import save_safetensors
+from .diffusion.edm import build_net
 from .config import DIT_SIZES, ModelConfig
 
 HEADS_BY_WIDTH = {width: heads for width, _, heads in DIT_SIZES.values()} | {512: 16}

@@ -1,17 +1,28 @@
-"""Turning a trained network into images: per-sample seeded noise, batched EDM sampling, PNG grids
-and ``.npz`` batches in the layout of ADM's evaluation suite (``arr_0``: uint8 NHWC)."""
+"""Turning a trained network into images: per-sample seeded noise, batched EDM sampling, uint8
+images, PNG grids and ``.npz`` batches in the layout of ADM's evaluation suite (``arr_0``: uint8 NHWC).
+
+Image layouts (the rule is by dtype): uint8 data is always (N, H, W, C), floating-point data is always
+(N, C, H, W) in [-1, 1]. Quantisation follows EDM/ADM: ``uint8 = clip(x * 127.5 + 128, 0, 255)``.
+"""
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .config import SampleConfig
+from .checkpoint import load_checkpoint, sample_settings
+from .config import Config, SampleConfig
 from .diffusion.edm import EDMPrecond
 from .diffusion.samplers import edm_sample
+from .models.precision import autocast_for
+
+log = logging.getLogger(__name__)
+ImageBatch = np.ndarray | torch.Tensor
 
 
 def seeded_noise(seeds: list[int], shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
@@ -35,6 +46,36 @@ def seed_labels(seeds: list[int], num_classes: int, class_index: int | None = No
     return torch.tensor(seeds, dtype=torch.long) % num_classes
 
 
+@dataclass
+class Sampling:
+    """A checkpoint ready to sample: its network (eval mode, on the device), the sampler settings (the
+    checkpoint's, with the caller's overrides), the VAE that decodes a latent model (None for pixel
+    models) and the latent scale."""
+
+    net: EDMPrecond
+    sample: SampleConfig
+    vae: str | None
+    latent_scale: float
+
+
+def open_for_sampling(ckpt: str | Path, device: torch.device, steps: int | None = None,
+                      cfg_scale: float | None = None, solver: str | None = None, vae: str | None = None) -> Sampling:
+    """The one place that merges a checkpoint's sampler settings with a command line's (``sample.py`` and
+    ``python -m maskdit_fast.eval generate``). Raises FileNotFoundError / ValueError (ConfigError
+    included) with a message that says what to do."""
+    net = load_checkpoint(ckpt, device)
+    stored, ckpt_vae, latent_scale = sample_settings(ckpt)
+    overrides = {k: v for k, v in (("num_steps", steps), ("cfg_scale", cfg_scale), ("solver", solver)) if v is not None}
+    sample_cfg = SampleConfig(**{**stored, **overrides})
+    channels = net.model.cfg.in_channels
+    latent = channels not in (1, 3)  # images come from the VAE that made the latents
+    vae = (vae or ckpt_vae) if latent else None
+    if latent and not vae:
+        raise ValueError(f"{ckpt} is a {channels}-channel latent model and names no VAE: pass --vae (an "
+                         "AutoencoderKL hub id such as stabilityai/sd-vae-ft-ema, or a local folder)")
+    return Sampling(net, sample_cfg, vae, latent_scale)
+
+
 @torch.no_grad()
 def generate(
     net: EDMPrecond,
@@ -43,9 +84,11 @@ def generate(
     sample_cfg: SampleConfig,
     batch_size: int = 64,
     progress: bool = False,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Sample one image per seed. labels: (len(seeds),) int64 or None -> (N, C, H, W) float32 on CPU
-    (model space: pixels in [-1, 1] or latents)."""
+    (model space: pixels in [-1, 1] or latents). ``precision``: the network's autocast (bf16 | fp32),
+    resolved by :func:`maskdit_fast.models.precision.resolve_precision` from the callers' ``auto``."""
     cfg = net.model.cfg
     device = next(net.parameters()).device
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
@@ -54,12 +97,37 @@ def generate(
         chunk = seeds[start:start + batch_size]
         y = None if labels is None else labels[start:start + len(chunk)].to(device)
         noise = seeded_noise(chunk, shape, device)
-        x = edm_sample(lambda x, s: net(x, s, y, cfg_scale=sample_cfg.cfg_scale), noise,
-                       num_steps=sample_cfg.num_steps, sigma_min=sample_cfg.sigma_min,
-                       sigma_max=sample_cfg.sigma_max, rho=sample_cfg.rho, solver=sample_cfg.solver,
-                       progress=progress)
-        out.append(x.cpu())
+        with autocast_for(precision, device):
+            x = edm_sample(lambda x, s: net(x, s, y, cfg_scale=sample_cfg.cfg_scale), noise,
+                           num_steps=sample_cfg.num_steps, sigma_min=sample_cfg.sigma_min,
+                           sigma_max=sample_cfg.sigma_max, rho=sample_cfg.rho, solver=sample_cfg.solver,
+                           progress=progress)
+        out.append(x.float().cpu())
     return torch.cat(out)
+
+
+def to_uint8_nhwc(images: ImageBatch) -> np.ndarray:
+    """Return `images` as a uint8 (N, H, W, C) numpy array (C = 1 or 3).
+
+    Args:
+        images: uint8 (N, H, W, C), or float (N, C, H, W) in [-1, 1] (numpy or torch, any device).
+    """
+    array = images.detach().cpu() if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images))
+    if array.dtype == torch.uint8:
+        check_channels(array.shape, channel_axis=3)
+        return array.numpy()
+    if not array.is_floating_point():
+        raise TypeError(f"expected uint8 or floating-point images, got {array.dtype}")
+    check_channels(array.shape, channel_axis=1)
+    quantised = (array.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+    return quantised.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def check_channels(shape: tuple[int, ...], channel_axis: int) -> None:
+    """Refuse a shape that is not 4-D with 1 or 3 channels on ``channel_axis``."""
+    if len(shape) != 4 or shape[channel_axis] not in (1, 3):
+        layout = "(N, H, W, C)" if channel_axis == 3 else "(N, C, H, W)"
+        raise ValueError(f"expected images of shape {layout} with C in (1, 3), got {tuple(shape)}")
 
 
 def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:
@@ -89,3 +157,30 @@ def save_npz(path: str | Path, images: np.ndarray, labels: torch.Tensor | None) 
         arrays["labels"] = labels.numpy()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **arrays)
+
+
+def write_sample_grid(cfg: Config, ema_net: EDMPrecond, path: Path) -> bool:
+    """A grid of EMA samples, one row per class (up to 10 classes), fixed seeds; True if written.
+    Latent models need ``data.vae`` to decode them; without it nothing is sampled."""
+    m = cfg.model
+    if not cfg.data.vae and m.in_channels not in (1, 3):
+        log.info("no sample grid at %s: set data.vae to decode the model's %d-channel latents", path.name, m.in_channels)
+        return False
+    per_row = cfg.sample.grid_per_class
+    rows = min(m.num_classes, 10) if m.num_classes else 8
+    classes = None
+    if m.num_classes:
+        chosen = torch.linspace(0, m.num_classes - 1, rows).round().long()
+        classes = chosen.repeat_interleave(per_row)
+    seeds = list(range(rows * per_row))
+    images = generate(ema_net, seeds, classes, cfg.sample)
+    if cfg.data.vae:
+        from .data.vae import decode_latents, load_vae
+        try:
+            vae = load_vae(cfg.data.vae, next(ema_net.parameters()).device)
+        except RuntimeError as err:  # e.g. a hub id on an offline node: not worth stopping the run for
+            log.warning("no sample grid at %s: %s", path.name, err)
+            return False
+        images = decode_latents(vae, images, cfg.data.latent_scale)
+    save_grid(to_uint8_nhwc(images), path, nrow=per_row)
+    return True

@@ -53,7 +53,7 @@ def assert_same_final_state(straight, resumed, step: int, parts=("model", "ema")
     and hold bit-identical ``parts``; returns both states for further checks."""
     import torch
 
-    from maskdit_fast.train.state import latest_training_state, load_training_state
+    from maskdit_fast.storage import latest_training_state, load_training_state
 
     a = load_training_state(latest_training_state(straight))
     b = load_training_state(latest_training_state(resumed))

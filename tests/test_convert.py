@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from maskdit_fast import load_checkpoint
-from maskdit_fast.checkpoint import build_net
+from maskdit_fast.diffusion.edm import build_net
 from maskdit_fast.convert import convert_official, infer_model_config, native_to_official, read_official
 from tests.helpers import tiny_model_config
 

@@ -1,10 +1,12 @@
-"""EDM preconditioning (Karras et al. 2022) around a raw DiT/MaskDiT network."""
+"""EDM preconditioning (Karras et al. 2022) around a raw DiT / MaskDiT / DyDiT network, and ``build_net``."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from ..models import DiT
+from ..config import ModelConfig, RouterConfig
+from ..models import DiT, build_model
+from ..models.dydit import DyDiT, DyMaskDiT
 
 
 class EDMPrecond(nn.Module):
@@ -67,3 +69,11 @@ class EDMPrecond(nn.Module):
         else:
             out = self.model(c_in * x, c_noise, class_labels, ids_keep).float()
         return c_skip * x + c_out * out
+
+
+def build_net(cfg: ModelConfig, router: RouterConfig | None = None) -> EDMPrecond:
+    """A freshly initialised preconditioned network for ``cfg``: DiT / MaskDiT, or with ``router`` the
+    DyDiT version of it (weights random, routers all on)."""
+    if router is None:
+        return EDMPrecond(build_model(cfg), cfg.sigma_data)
+    return EDMPrecond((DyMaskDiT if cfg.arch == "maskdit" else DyDiT)(cfg, router), cfg.sigma_data)

@@ -6,10 +6,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config import LossConfig
+from ..config import LossConfig, ModelConfig
 from ..models.layers import patchify
 from ..models.masking import mask_from_ids, random_masking
-from .edm import EDMPrecond
 
 
 @dataclass
@@ -55,30 +54,34 @@ def mae_loss(noisy: torch.Tensor, denoised: torch.Tensor, patch_size: int, mask:
 
 
 def edm_loss(
-    net: EDMPrecond,
+    net: torch.nn.Module,
     images: torch.Tensor,
     class_labels: torch.Tensor | None,
     mask_ratio: float,
     cfg: LossConfig,
+    model: ModelConfig,
 ) -> LossTerms:
     """One draw of the MaskDiT loss. images: (N, C, H, W); class_labels: (N,) int64 or None.
 
-    Noise, masks and label dropout use the global RNG (saved in checkpoints for exact resume).
+    ``net`` is only called (it may be wrapped for DDP / FSDP); the patch layout and sigma_data come
+    from the network's config ``model``. Noise, masks and label dropout use the global RNG (saved in
+    checkpoints for exact resume).
     """
-    n = images.shape[0]
+    n, _, height, width = images.shape
+    p = model.patch_size
+    num_patches = (height // p) * (width // p)
     sigma = sample_sigma(n, cfg.P_mean, cfg.P_std, images.device)
     s = sigma.view(-1, 1, 1, 1)
     noisy = images + torch.randn_like(images) * s
-    model = net.model
     ids_keep = None
     if mask_ratio > 0:
-        ids_keep = random_masking(n, model.num_patches, mask_ratio, device=images.device)
+        ids_keep = random_masking(n, num_patches, mask_ratio, device=images.device)
     denoised = net(noisy, sigma, class_labels, ids_keep=ids_keep)
-    weighted = edm_weight(s, net.sigma_data) * (denoised - images).pow(2)
+    weighted = edm_weight(s, model.sigma_data) * (denoised - images).pow(2)
     if ids_keep is None:
-        dsm = dsm_loss(weighted, model.patch_size, None)
+        dsm = dsm_loss(weighted, p, None)
         return LossTerms(loss=dsm, dsm=dsm, mae=torch.zeros_like(dsm))
-    mask = mask_from_ids(ids_keep, model.num_patches)
-    dsm = dsm_loss(weighted, model.patch_size, mask)
-    mae = mae_loss(noisy, denoised, model.patch_size, mask) if cfg.mae_coef > 0 else torch.zeros_like(dsm)
+    mask = mask_from_ids(ids_keep, num_patches)
+    dsm = dsm_loss(weighted, p, mask)
+    mae = mae_loss(noisy, denoised, p, mask) if cfg.mae_coef > 0 else torch.zeros_like(dsm)
     return LossTerms(loss=dsm + cfg.mae_coef * mae, dsm=dsm, mae=mae)

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from ..cli import USER_ERRORS
+    from ..errors import USER_ERRORS
     from .checkpoint import is_dydit
     from .config import load_dydit_config
     from .finetune import finetune

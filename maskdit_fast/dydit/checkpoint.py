@@ -6,28 +6,20 @@ DyDiT files as they are; :func:`load_dydit` is the same with a check that the fi
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from ..checkpoint import load_checkpoint, save_safetensors
-from ..config import ModelConfig
+from ..config import ModelConfig, RouterConfig
 from ..diffusion.edm import EDMPrecond
-from .config import RouterConfig, router_config_from_dict
-from .model import build_dydit
 
 
 def save_dydit(path: str | Path, state: dict[str, torch.Tensor], cfg: ModelConfig, router: RouterConfig,
                extra: dict | None = None) -> None:
     """Write a DyDiT network's state dict with its model and router configs (atomic)."""
     save_safetensors(path, state, cfg, {"dydit": dataclasses.asdict(router), **(extra or {})})
-
-
-def dydit_net(cfg: ModelConfig, metadata: dict[str, str]) -> EDMPrecond:
-    """A fresh DyDiT network for a checkpoint's model config and metadata (its ``dydit`` entry)."""
-    return build_dydit(cfg, router_config_from_dict(json.loads(metadata["dydit"])))
 
 
 def is_dydit(path: str | Path) -> bool:

@@ -1,4 +1,5 @@
-"""DyDiT configuration: the routers' shape (stored with a checkpoint) and the fine-tune settings.
+"""DyDiT fine-tune configuration (the routers' shape, :class:`~maskdit_fast.config.RouterConfig`, is a model
+setting and lives with the other model configs).
 
 A fine-tune run is the package's :class:`~maskdit_fast.config.Config` (data, loss, train, sample;
 the model section comes from the ``--init`` checkpoint) plus a ``dydit`` section, loaded from
@@ -12,26 +13,7 @@ from dataclasses import dataclass, field
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..config import Config, ConfigError, _require, resolve_config_path
-
-
-@dataclass
-class RouterConfig:
-    """What a DyDiT network is (saved in checkpoint metadata)."""
-
-    tdw: bool = True                   # timestep-wise dynamic width (heads + MLP channel groups)
-    sdt: bool = True                   # spatial-wise dynamic tokens (MLP skipped per token)
-    decoder: bool = True               # MaskDiT: routers in the decoder blocks too (else they stay static)
-    temperature: float = 5.0           # Gumbel-sigmoid temperature in training
-    width_bias: float = 15.0           # TDW router bias at conversion (all heads/groups on)
-    token_bias: float = 35.0           # SDT router output bias at conversion (all tokens on)
-    token_ratio: int = 16              # SDT router hidden width = D / token_ratio
-
-    def __post_init__(self) -> None:
-        _require(self.temperature > 0, "dydit.temperature", "must be positive")
-        _require(self.width_bias > 0, "dydit.width_bias", "must be positive (the converted model starts all on)")
-        _require(self.token_bias > 0, "dydit.token_bias", "must be positive (the converted model starts all on)")
-        _require(self.token_ratio >= 1, "dydit.token_ratio", "must be >= 1")
+from ..config import Config, ConfigError, RouterConfig, _require, resolve_config_path
 
 
 @dataclass
@@ -92,8 +74,3 @@ def load_dydit_config(name_or_path: str | None = "dydit-0.5", overrides: list[st
         key = getattr(err, "full_key", None)
         message = str(err).splitlines()[0]
         raise ConfigError(f"{key}: {message}" if key else message) from None
-
-
-def router_config_from_dict(values: dict) -> RouterConfig:
-    known = {f.name for f in dataclasses.fields(RouterConfig)}
-    return RouterConfig(**{k: v for k, v in values.items() if k in known})

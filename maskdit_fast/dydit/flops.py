@@ -20,7 +20,6 @@ model).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Self
 
 import torch
 from torch import nn
@@ -28,7 +27,7 @@ from torch import nn
 from ..diffusion.edm import EDMPrecond
 from ..models import DiT, MaskDiT
 from ..models.layers import DiTBlock
-from .block import DyDiTBlock, Routing
+from ..models.dydit_block import DyDiTBlock, Routing
 
 
 @dataclass(frozen=True)
@@ -157,7 +156,7 @@ class FlopsMeter:
         self.records: list[dict] = []
         self._handle = None
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> FlopsMeter:
         self._handle = self.net.model.register_forward_hook(self._hook)
         return self
 

@@ -1,4 +1,5 @@
-"""DyDiT networks: a trained DiT / MaskDiT whose blocks become :class:`DyDiTBlock`.
+"""Making DyDiT networks: a trained DiT / MaskDiT whose blocks become :class:`DyDiTBlock` (the network
+classes are in :mod:`maskdit_fast.models.dydit`).
 
 ``to_dydit(net, router_cfg)`` converts an EDM-preconditioned DiT or MaskDiT of this package: the
 weights are copied, the routers are added "all on", so the result computes exactly the base
@@ -13,79 +14,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import ModelConfig
-from ..diffusion.edm import EDMPrecond
-from ..models import DiT, MaskDiT
-from .block import MODES, DyDiTBlock, Routing
-from .config import RouterConfig
-
-
-class _Dynamic:
-    """What DyDiT adds to DiT / MaskDiT: router bookkeeping and the timestep-aware conditioning."""
-
-    router_cfg: RouterConfig
-    routing: list[Routing]
-
-    def _make_dynamic(self, router: RouterConfig) -> None:
-        self.router_cfg = router
-        t_dim = self.cfg.hidden_size
-        self.blocks = nn.ModuleList(DyDiTBlock.from_block(b, t_dim, router) for b in self.blocks)
-        if isinstance(self, MaskDiT) and router.decoder:
-            self.decoder_blocks = nn.ModuleList(DyDiTBlock.from_block(b, t_dim, router) for b in self.decoder_blocks)
-        self.routing = []
-
-    def initialize_weights(self) -> None:
-        super().initialize_weights()  # DiT's init zeroes every Linear's bias: put the routers back to "all on"
-        for block in self.dynamic_blocks():
-            block.reset_routers()
-
-    def dynamic_blocks(self) -> list[DyDiTBlock]:
-        return [m for m in self.modules() if isinstance(m, DyDiTBlock)]
-
-    def set_mode(self, mode: str) -> None:
-        """``auto`` (masked in training, fast in eval), ``masked`` or ``fast`` for every block."""
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        for block in self.dynamic_blocks():
-            block.mode = mode
-
-    # ---- DiT's forward steps, with dynamic blocks ---------------------------------------------
-    def embed(self, x: torch.Tensor, ids_keep: torch.Tensor | None) -> torch.Tensor:
-        if ids_keep is not None:
-            raise ValueError("DyDiT runs on every token (MaskDiT's unmasked path); ids_keep must be None")
-        return super().embed(x, None)
-
-    def run_blocks(self, blocks: nn.ModuleList, tokens: torch.Tensor, c: torch.Tensor,
-                   t_emb: torch.Tensor) -> torch.Tensor:
-        for block in blocks:
-            tokens = block(tokens, c, t_emb) if isinstance(block, DyDiTBlock) else block(tokens, c)
-        return tokens
-
-    def head(self, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        self.routing = [b.routing for b in self.dynamic_blocks()]  # every block has run: record its decisions
-        return super().head(tokens, c)
-
-
-class DyDiT(_Dynamic, DiT):
-    """DiT with TDW/SDT routers in every block."""
-
-    def __init__(self, cfg: ModelConfig, router: RouterConfig):
-        super().__init__(cfg)
-        self._make_dynamic(router)
-
-
-class DyMaskDiT(_Dynamic, MaskDiT):
-    """MaskDiT (full-token path) with routers in the encoder blocks and, optionally, the decoder's."""
-
-    def __init__(self, cfg: ModelConfig, router: RouterConfig):
-        super().__init__(cfg)
-        self._make_dynamic(router)
+from ..config import ModelConfig, RouterConfig
+from ..diffusion.edm import EDMPrecond, build_net
+from ..models.dydit import Routing, _Dynamic
 
 
 def build_dydit(cfg: ModelConfig, router: RouterConfig) -> EDMPrecond:
     """A DyDiT network (preconditioned) for ``cfg``; weights random, routers all on."""
-    cls = DyMaskDiT if cfg.arch == "maskdit" else DyDiT
-    return EDMPrecond(cls(cfg, router), cfg.sigma_data)
+    return build_net(cfg, router)
 
 
 def to_dydit(net: EDMPrecond, router: RouterConfig | None = None) -> EDMPrecond:

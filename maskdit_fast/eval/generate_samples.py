@@ -38,16 +38,16 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm.auto import tqdm
 
-import maskdit_fast
-from maskdit_fast.checkpoint import load_checkpoint, sample_settings
-from maskdit_fast.config import ConfigError, SampleConfig
+from maskdit_fast._version import __version__
+from maskdit_fast.config import SampleConfig
 from maskdit_fast.data.vae import decode_latents, load_vae
-from maskdit_fast.eval.images import to_uint8_nhwc
-from maskdit_fast.generate import generate, seed_labels
-from maskdit_fast.train.dist import env_ranks, init_distributed, select_device
-from maskdit_fast.train.state import atomic_write
+from maskdit_fast.dist import processes
+from maskdit_fast.files import atomic_write
+from maskdit_fast.generate import generate, open_for_sampling, seed_labels, to_uint8_nhwc
+from maskdit_fast.models.precision import resolve_precision
 
 MANIFEST_FORMAT = "maskdit_fast/eval-generate-v1"
+PRECISIONS = ("auto", "bf16", "fp32")
 # Everything that changes the images; a rerun must agree on all of them to resume in the same DIR.
 RESUME_KEYS = ("format", "checkpoint_sha256", "sampler", "solver", "steps", "cfg_scale", "sigma_min", "sigma_max",
                "rho", "precision", "num", "seed_first", "seed_last", "label_scheme", "chunk", "vae", "latent_scale")
@@ -103,15 +103,6 @@ def _file_sha256(path: Path):
     return digest
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> ``bf16`` on CUDA, ``fp32`` elsewhere; ``bf16`` and ``fp32`` are kept."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise GenerateError(f"--precision must be auto, bf16 or fp32, got {precision!r}")
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
-
-
 def chunk_range(index: int, chunk: int, num: int) -> range:
     """Sample indices of chunk ``index``."""
     return range(index * chunk, min(num, (index + 1) * chunk))
@@ -128,19 +119,9 @@ def png_path(out: Path, i: int) -> Path:
 def generate_samples(request: GenerateRequest) -> GenerateSummary:
     """Generate (or finish) ``request.num`` images in ``request.out``; see the module docstring.
     Joins torchrun's process group when launched by torchrun."""
-    req = request
-    _validate(req)
-    created = False
-    if env_ranks()[1] > 1 or dist.is_initialized():
-        env, created = init_distributed(req.device)
-        rank, world, device = env.rank, env.world_size, env.device
-    else:
-        rank, world, device = 0, 1, select_device(req.device)
-    try:
-        return _generate(req, Path(req.out), rank, world, device)
-    finally:
-        if created:
-            dist.destroy_process_group()
+    _validate(request)
+    with processes("auto", request.device) as env:
+        return _generate(request, Path(request.out), env.rank, env.world_size, env.device)
 
 
 def _validate(req: GenerateRequest) -> None:
@@ -155,24 +136,17 @@ def _validate(req: GenerateRequest) -> None:
         raise GenerateError(f"checkpoint {req.ckpt} does not exist")
     if req.device == "cuda" and not torch.cuda.is_available():
         raise GenerateError("--device cuda, but no CUDA device is visible")
-    resolve_precision(req.precision, torch.device("cpu"))
+    if req.precision not in PRECISIONS:
+        raise GenerateError(f"--precision must be one of {', '.join(PRECISIONS)}, got {req.precision!r}")
 
 
 def _generate(req: GenerateRequest, out: Path, rank: int, world: int, device: torch.device) -> GenerateSummary:
     try:
-        net = load_checkpoint(req.ckpt, device)
-        stored, ckpt_vae, latent_scale = sample_settings(req.ckpt)
-        overrides = {k: v for k, v in (("num_steps", req.steps), ("cfg_scale", req.cfg_scale), ("solver", req.solver))
-                     if v is not None}
-        sample_cfg = SampleConfig(**{**stored, **overrides})
-    except (ValueError, ConfigError) as err:
+        opened = open_for_sampling(req.ckpt, device, req.steps, req.cfg_scale, req.solver, req.vae)
+    except ValueError as err:
         raise GenerateError(str(err)) from err
+    net, sample_cfg, vae, latent_scale = opened.net, opened.sample, opened.vae, opened.latent_scale
     model_cfg = net.model.cfg
-    latent = model_cfg.in_channels not in (1, 3)  # images are decoded by a VAE
-    vae = (req.vae or ckpt_vae) if latent else None
-    if latent and not vae:
-        raise GenerateError(f"{req.ckpt} is a {model_cfg.in_channels}-channel latent model and names no VAE: "
-                            "pass --vae (an AutoencoderKL hub id such as stabilityai/sd-vae-ft-ema, or a local folder)")
     precision = resolve_precision(req.precision, device)
     n_chunks = -(-req.num // req.chunk)
 
@@ -196,7 +170,7 @@ def _generate(req: GenerateRequest, out: Path, rank: int, world: int, device: to
 
     mine, pngs_only = plan["todo"][rank::world], plan["png_todo"][rank::world]
     vae_model = None
-    if latent and mine:
+    if vae and mine:
         try:
             vae_model = load_vae(vae, device)
         except RuntimeError as err:
@@ -211,8 +185,7 @@ def _generate(req: GenerateRequest, out: Path, rank: int, world: int, device: to
         for start in range(0, len(seeds), req.batch):
             batch_seeds = seeds[start:start + req.batch]
             batch_labels = None if labels is None else labels[start:start + len(batch_seeds)]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                x = generate(net, batch_seeds, batch_labels, sample_cfg, batch_size=len(batch_seeds))
+            x = generate(net, batch_seeds, batch_labels, sample_cfg, batch_size=len(batch_seeds), precision=precision)
             if vae_model is not None:
                 x = decode_latents(vae_model, x, latent_scale)  # outside autocast: the VAE decodes in fp32
             images.append(to_uint8_nhwc(x))
@@ -273,7 +246,7 @@ def _manifest(req: GenerateRequest, cfg: SampleConfig, num_classes: int, vae: st
 def _environment(req: GenerateRequest, world: int, device: torch.device) -> dict:
     """Facts about one invocation (not compared on resume)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return {"maskdit_fast_version": maskdit_fast.__version__, "torch_version": torch.__version__,
+    return {"maskdit_fast_version": __version__, "torch_version": torch.__version__,
             "world_size": world, "batch": req.batch, "device": name, "precision_requested": req.precision}
 
 
@@ -372,7 +345,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="EDM time steps (default: the checkpoint's)")
     parser.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: the checkpoint's)")
     parser.add_argument("--solver", choices=("heun", "euler"), default=None, help="(default: the checkpoint's)")
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="network autocast: auto = bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--batch", type=int, default=64, help="images per network batch, per process (default 64)")
     parser.add_argument("--chunk", type=int, default=1000, help="images per chunk file (unit of resumption)")

@@ -12,24 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ImageBatch = np.ndarray | torch.Tensor
+from ..generate import ImageBatch, check_channels, to_uint8_nhwc
 
-
-def to_uint8_nhwc(images: ImageBatch) -> np.ndarray:
-    """Return `images` as a uint8 (N, H, W, C) numpy array (C = 1 or 3).
-
-    Args:
-        images: uint8 (N, H, W, C), or float (N, C, H, W) in [-1, 1] (numpy or torch, any device).
-    """
-    array = images.detach().cpu() if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images))
-    if array.dtype == torch.uint8:
-        _check_channels(array.shape, channel_axis=3)
-        return array.numpy()
-    if not array.is_floating_point():
-        raise TypeError(f"expected uint8 or floating-point images, got {array.dtype}")
-    _check_channels(array.shape, channel_axis=1)
-    quantised = (array.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
-    return quantised.permute(0, 2, 3, 1).contiguous().numpy()
+__all__ = ["ImageBatch", "load_npz_images", "to_float_nchw", "to_uint8_nhwc"]
 
 
 def to_float_nchw(images: ImageBatch) -> torch.Tensor:
@@ -40,11 +25,11 @@ def to_float_nchw(images: ImageBatch) -> torch.Tensor:
     """
     tensor = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images))
     if tensor.dtype == torch.uint8:
-        _check_channels(tensor.shape, channel_axis=3)
+        check_channels(tensor.shape, channel_axis=3)
         return tensor.permute(0, 3, 1, 2).float() / 127.5 - 1.0
     if not tensor.is_floating_point():
         raise TypeError(f"expected uint8 or floating-point images, got {tensor.dtype}")
-    _check_channels(tensor.shape, channel_axis=1)
+    check_channels(tensor.shape, channel_axis=1)
     return tensor.float()
 
 
@@ -56,11 +41,5 @@ def load_npz_images(path: str | Path) -> np.ndarray:
         images = data["arr_0"]
     if images.dtype != np.uint8:
         raise TypeError(f"{path}: 'arr_0' must be uint8 (N, H, W, C), got {images.dtype}")
-    _check_channels(images.shape, channel_axis=3)
+    check_channels(images.shape, channel_axis=3)
     return images
-
-
-def _check_channels(shape: tuple[int, ...], channel_axis: int) -> None:
-    if len(shape) != 4 or shape[channel_axis] not in (1, 3):
-        layout = "(N, H, W, C)" if channel_axis == 3 else "(N, C, H, W)"
-        raise ValueError(f"expected images of shape {layout} with C in (1, 3), got {tuple(shape)}")

@@ -14,9 +14,12 @@ doubled in the memory-bound elementwise kernels, is small next to the matmuls at
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 RESIDUAL_DTYPE = torch.float32  # the residual stream's dtype of a float32 model, under any autocast
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _COMPUTE = {"bf16": "bf16 autocast", "fp16": "fp16 autocast + grad scaler", "fp32": "fp32"}
 
 
@@ -34,3 +37,17 @@ def to_residual(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """tokens: (N, L, D) from an autocast layer -> the residual stream's dtype, that of ``like`` (a
     frozen position embedding or another model-owned tensor, float32 unless the model was cast)."""
     return tokens.to(like.dtype)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` on CUDA, ``fp32`` elsewhere (training and sampling alike); others are kept."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast to ``precision`` (bf16 | fp16) on ``device``; a no-op context for fp32."""
+    if precision in AUTOCAST_DTYPES:
+        return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+    return contextlib.nullcontext()

@@ -27,22 +27,6 @@ from ..diffusion.edm import EDMPrecond
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-class DistributedNet(DistributedDataParallel):
-    """DDP that still answers ``net.model`` / ``net.sigma_data`` (the loss reads them) from the
-    wrapped :class:`EDMPrecond`."""
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.module, name)
-
-
-def unwrap(net: nn.Module) -> EDMPrecond:
-    """The EDMPrecond inside a DDP wrapper (FSDP2 shards in place and needs no unwrapping)."""
-    return net.module if isinstance(net, DistributedDataParallel) else net
-
-
 def block_lists(net: EDMPrecond) -> list[nn.ModuleList]:
     """The DiT block lists: encoder blocks, plus MaskDiT's decoder blocks."""
     model = net.model
@@ -95,9 +79,9 @@ def parallelize(net: EDMPrecond, ema_model: EDMPrecond, cfg: Config, precision: 
                 block.compile()
     if t.parallel == "ddp":
         static = static_graph_ok(cfg, accumulation)
-        return DistributedNet(net, device_ids=[device.index] if device.type == "cuda" else None,
-                              bucket_cap_mb=t.ddp_bucket_mb, gradient_as_bucket_view=True,
-                              static_graph=static, find_unused_parameters=not static)
+        return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                       bucket_cap_mb=t.ddp_bucket_mb, gradient_as_bucket_view=True,
+                                       static_graph=static, find_unused_parameters=not static)
     if t.parallel == "fsdp":
         mesh = init_device_mesh(device.type, (world_size,))
         offload = CPUOffloadPolicy() if t.fsdp_cpu_offload else OffloadPolicy()

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from maskdit_fast.train.state import latest_training_state
+from maskdit_fast.storage import latest_training_state
 from maskdit_fast.train.trainer import train
 from tests.data.helpers import make_latent_folder
 from tests.helpers import assert_same_final_state, train_and_crash, tiny_config

@@ -1,6 +1,6 @@
 import torch
 
-from maskdit_fast.checkpoint import build_net
+from maskdit_fast.diffusion.edm import build_net
 from tests.helpers import tiny_model_config
 
 

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from maskdit_fast.checkpoint import build_net
+from maskdit_fast.diffusion.edm import build_net
 from maskdit_fast.config import LossConfig
 from maskdit_fast.diffusion.loss import dsm_loss, edm_loss, edm_weight, mae_loss
 from maskdit_fast.models.masking import mask_from_ids, random_masking
@@ -45,24 +45,26 @@ def test_mae_loss_uses_per_patch_normalised_noisy_target_on_masked_patches():
 
 
 def test_edm_loss_pieces_combine_with_the_mae_coefficient():
-    net = build_net(tiny_model_config())
+    model = tiny_model_config()
+    net = build_net(model)
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0, 0.1)
     x, y = torch.randn(4, 1, 32, 32), torch.randint(0, 10, (4,))
-    terms = edm_loss(net, x, y, 0.5, LossConfig(mae_coef=0.1))
+    terms = edm_loss(net, x, y, 0.5, LossConfig(mae_coef=0.1), model)
     assert terms.loss.shape == (4,)
     assert torch.allclose(terms.loss, terms.dsm + 0.1 * terms.mae)
     assert torch.all(terms.mae > 0)
-    unmasked = edm_loss(net, x, y, 0.0, LossConfig(mae_coef=0.1))
+    unmasked = edm_loss(net, x, y, 0.0, LossConfig(mae_coef=0.1), model)
     assert torch.all(unmasked.mae == 0) and torch.equal(unmasked.loss, unmasked.dsm)
 
 
 def test_unmasked_loss_matches_the_edm_definition():
-    net = build_net(tiny_model_config(arch="dit", mask_ratio=0.0)).eval()
+    model = tiny_model_config(arch="dit", mask_ratio=0.0)
+    net = build_net(model).eval()
     x = torch.randn(3, 1, 32, 32)
     torch.manual_seed(5)
-    terms = edm_loss(net, x, None, 0.0, LossConfig())
+    terms = edm_loss(net, x, None, 0.0, LossConfig(), model)
     torch.manual_seed(5)
     sigma = (torch.randn(3) * 1.2 - 1.2).exp().view(-1, 1, 1, 1)
     noisy = x + torch.randn_like(x) * sigma

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from maskdit_fast.checkpoint import build_net
+from maskdit_fast.diffusion.edm import build_net
 from maskdit_fast.diffusion.edm import EDMPrecond
 from maskdit_fast.dydit import RouterConfig, to_dydit
 from tests.helpers import tiny_model_config

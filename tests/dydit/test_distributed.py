@@ -10,7 +10,7 @@ from maskdit_fast.config import ConfigError
 from maskdit_fast.dydit import load_dydit_config
 from maskdit_fast.dydit.__main__ import main
 from maskdit_fast.dydit.finetune import finetune
-from maskdit_fast.train.state import load_training_state
+from maskdit_fast.storage import load_training_state
 from tests.train.test_distributed import assert_close, final_state, torchrun
 
 from .helpers import random_base

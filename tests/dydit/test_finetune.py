@@ -16,7 +16,7 @@ from maskdit_fast.dydit import (
 from maskdit_fast.dydit.__main__ import main
 from maskdit_fast.dydit.finetune import dydit_loss, sampler_sigmas, training_sigmas
 
-from maskdit_fast.train.state import latest_training_state, load_training_state
+from maskdit_fast.storage import latest_training_state, load_training_state
 from tests.helpers import assert_same_final_state, train_and_crash
 
 from .helpers import random_base

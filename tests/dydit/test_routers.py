@@ -1,6 +1,6 @@
 import torch
 
-from maskdit_fast.dydit.routers import TokenRouter, WidthRouter, decide, gumbel_sigmoid
+from maskdit_fast.models.routers import TokenRouter, WidthRouter, decide, gumbel_sigmoid
 
 
 def test_gumbel_sigmoid_is_hard_forward_soft_backward():

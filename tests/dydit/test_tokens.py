@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import kernels
-from maskdit_fast.dydit.tokens import gated_unpack_add, pack
+from maskdit_fast.models.routed_tokens import gated_unpack_add, pack
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import maskdit_fast.eval.generate_samples as generate_samples_module
-from maskdit_fast.checkpoint import build_net, save_safetensors
+from maskdit_fast.checkpoint import save_safetensors
+from maskdit_fast.diffusion.edm import build_net
 from maskdit_fast.eval.__main__ import main
 from maskdit_fast.eval.generate_samples import (
     GenerateError,

@@ -32,7 +32,7 @@ def _train(backend: str, device: str) -> tuple[list[float], torch.nn.Module]:
     losses = []
     with kernels.backend(backend):
         for _ in range(STEPS):
-            loss = edm_loss(net, images, labels, cfg.mask_ratio, LossConfig()).loss.mean()
+            loss = edm_loss(net, images, labels, cfg.mask_ratio, LossConfig(), cfg).loss.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from maskdit_fast.checkpoint import build_net
+from maskdit_fast.diffusion.edm import build_net
 from maskdit_fast.config import DIT_SIZES, ModelConfig
 from maskdit_fast.models import DiT, MaskDiT, build_model
 from maskdit_fast.models.layers import patchify, sincos_pos_embed_2d, unpatchify

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from maskdit_fast.checkpoint import build_net
+from maskdit_fast.diffusion.edm import build_net
 from maskdit_fast.dydit import to_dydit
 from maskdit_fast.models import RESIDUAL_DTYPE, precision_policy
 from maskdit_fast.models.layers import DiTBlock

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from maskdit_fast.cli import sample_main
-from maskdit_fast.train.state import latest_training_state, load_training_state
+from maskdit_fast.storage import latest_training_state, load_training_state
 from maskdit_fast.train.trainer import train
 from tests.helpers import tiny_config
 

@@ -4,13 +4,14 @@ import pytest
 import torch
 
 from maskdit_fast import load_checkpoint
+from maskdit_fast import storage as state_module
 from maskdit_fast.checkpoint import main as checkpoint_main
 from maskdit_fast.checkpoint import read_safetensors
 from maskdit_fast.config import ConfigError
 from maskdit_fast.data.sampler import EpochBatches, split_global_batch
-from maskdit_fast.train import state as state_module
+from maskdit_fast.files import atomic_write
+from maskdit_fast.storage import latest_training_state, load_training_state
 from maskdit_fast.train import trainer as trainer_module
-from maskdit_fast.train.state import atomic_write, latest_training_state, load_training_state
 from maskdit_fast.train.trainer import learning_rate, train
 from tests.helpers import assert_same_final_state, train_and_crash, tiny_config
 
@@ -199,3 +200,12 @@ def test_ranks_share_each_global_batch_exactly(world_size, accumulation):
         assert torch.equal(torch.cat([idx for _, idx in parts]), batches(step))
         seen += batches(step).tolist()
     assert len(seen) == len(set(seen)) == 48
+
+
+def test_resume_checks_the_whole_config_and_writes_config_json(tmp_path):
+    train(tiny_config("train.max_steps=2"), tmp_path, progress=False)
+    assert json.loads((tmp_path / "config.json").read_text())["loss"]["mae_coef"] == 0.1
+    with pytest.raises(ValueError, match="loss.mae_coef"):
+        train(tiny_config("train.max_steps=3", "loss.mae_coef=0.2"), tmp_path, resume=True, progress=False)
+    train(tiny_config("train.max_steps=3", "train.log_every=1"), tmp_path, resume=True, progress=False)  # free keys
+    assert load_training_state(latest_training_state(tmp_path))["step"] == 3

@@ -7,7 +7,7 @@ Two ways to run the same decisions:
   Gumbel samples in training, so gradients reach the routers).
 - **fast** (inference): the compute really shrinks. TDW slices qkv/proj rows/columns to the active
   heads and fc1/fc2 to the active channel groups; SDT packs the tokens that need the MLP across the
-  whole batch (:mod:`.tokens`: the batch viewed as one sequence of N*L tokens), runs the MLP on
+  whole batch (:mod:`.routed_tokens`: the batch viewed as one sequence of N*L tokens), runs the MLP on
   them only and adds the gated results back in place.
 
 TDW decisions depend on the timestep embedding only, so at a sampling step (one sigma for the whole
@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..models.layers import DiTBlock, attend, gelu
-from .config import RouterConfig
+from ..config import RouterConfig
+from .layers import DiTBlock, attend, gelu
+from .routed_tokens import gated_unpack_add, pack
 from .routers import TokenRouter, WidthRouter, decide
-from .tokens import gated_unpack_add, pack
 
 MODES = ("auto", "masked", "fast")
 

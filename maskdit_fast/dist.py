@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..config import ConfigError
+from .config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -77,10 +77,14 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def processes(parallel: str, device_name: str, choices: str) -> Iterator[Dist]:
+def processes(parallel: str, device_name: str, choices: str = "") -> Iterator[Dist]:
     """This process of a run with ``train.parallel=parallel``. ``none``: one plain process (a
     torchrun launch of several is refused, naming ``choices``, the parallel modes the run takes);
-    otherwise the default process group, joined or created, and destroyed on exit if created here."""
+    ``auto`` (sampling): the process group when torchrun launched several processes or one exists,
+    else one plain process; otherwise the default process group, joined or created, and destroyed
+    on exit if created here."""
+    if parallel == "auto":
+        parallel = "join" if env_ranks()[1] > 1 or dist.is_initialized() else "none"
     if parallel == "none":
         world_size = env_ranks()[1]
         if world_size > 1:

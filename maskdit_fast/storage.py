@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,40 +29,9 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from .dist import barrier
+from .files import atomic_write
 
 STEP_NAME = re.compile(r"^step-(\d+)(\.pt)?$")
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def trim_metrics(path: Path, step: int) -> None:
-    """Drop the rows of a ``metrics.jsonl`` logged after ``step``: on resume from the checkpoint of
-    ``step`` those steps run again and log again. Rows that are not complete JSON (a crash mid-write)
-    are dropped too."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("step", 0) <= step:
-            kept.append(line + "\n")
-    atomic_write(path, lambda tmp: tmp.write_text("".join(kept)))
 
 
 def _fsync_dir(path: Path) -> None:

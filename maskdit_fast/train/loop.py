@@ -1,0 +1,367 @@
+"""The one training loop: MaskDiT / DiT pre-training and the DyDiT fine-tune are two uses of it.
+
+It is given the objective and the parameter groups; it owns what every run does the same way:
+the run folder (``config.json``, ``metrics.jsonl``, ``checkpoints/``, ``ema.safetensors``),
+resume (the whole config checked), the learning-rate schedule, micro-batches and gradient sync,
+autocast and the grad scaler, the non-finite-loss policy, gradient clipping (sharding-aware, its
+norm logged), the EMA, periodic samples and checkpoints.
+
+The objective (``loss_fn``)::
+
+    loss_fn(net, batch: MicroBatch, step: int) -> (loss, metrics)
+
+``net`` is the module to call (DDP-wrapped or FSDP-sharded: call it, do not read its attributes;
+capture what else you need, e.g. the unwrapped network, when you build the objective); ``batch``
+one micro-batch, already flipped and seeded (:func:`prepare_micro_batch`); ``step`` the 0-based
+optimizer step. ``loss`` is the scalar to minimise (this micro-batch's mean); ``metrics`` maps
+names to scalar tensors, logged as their mean over the finite steps of a log window (keep them
+on the device: the loop syncs with the host once per step). It runs under the loop's autocast;
+everything random must draw from the global RNG (checkpointed for exact resume).
+
+``step_values(step) -> dict`` (optional) adds per-step values to the log row (MaskDiT's mask ratio,
+DyDiT's lambda); ``export(step, ema_weights)`` writes the sampling checkpoint on rank 0;
+``sample(step, ema_net)`` (optional) writes a sample grid on rank 0 every ``train.sample_every``
+steps and at the end.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.fsdp import FSDPModule
+from tqdm.auto import tqdm
+
+from ..config import Config
+from ..data.sampler import micro_batch_seed
+from ..dist import Dist, all_reduce_mean, barrier
+from ..files import atomic_write
+from ..models.precision import autocast_for
+from ..storage import (latest_training_state, load_into, process_state, process_state_to_load,
+                       restore_process_state, save_training_state)
+from .ema import EMA
+from .parallel import clip_grad_norm, gradient_sync, parallelize
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+# Keys that may change between a run and its resume: the step budget, the process layout, logging and
+# checkpoint cadence, and speed-only settings. Everything else must match the saved run's config.
+RESUME_FREE = frozenset({
+    "train.max_steps", "train.parallel", "train.micro_batch", "train.keep_last", "train.log_every",
+    "train.sample_every", "train.ckpt_every", "train.device", "train.activation_checkpointing", "train.compile",
+    "train.ddp_bucket_mb", "train.fsdp_cpu_offload", "train.nonfinite", "data.num_workers", "data.verify",
+    "data.dali_threads",
+})
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of a step: ``index`` its place in the global batch, ``dataset_indices`` (m,)
+    where its samples come from, ``images`` (m, C, H, W) float32, ``labels`` (m,) int64 or None
+    (unconditional model)."""
+
+    index: int
+    dataset_indices: torch.Tensor
+    images: torch.Tensor
+    labels: torch.Tensor | None
+
+
+LossFn = Callable[[nn.Module, MicroBatch, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def learning_rate(cfg: Config, step: int) -> float:
+    """Linear warm-up, then constant or cosine decay to ``min_lr`` at ``max_steps``."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.lr_schedule == "constant":
+        return t.lr
+    progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def prepare_micro_batch(cfg: Config, data, step: int, j: int, x: torch.Tensor, y: torch.Tensor, split: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Micro-batch ``j`` of ``step`` as the loss takes it. ``split`` (the global batch is shared by
+    processes or micro-batches): the RNG is seeded by the micro-batch's place in the global batch,
+    so its noise does not depend on the split. Random horizontal flips unless the loader flips
+    (``data.flips``); no labels for an unconditional model. x: (m, C, H, W), y: (m,) int64."""
+    if split:
+        torch.manual_seed(micro_batch_seed(cfg.train.seed, step, j))
+    if cfg.data.flip and not data.flips:
+        flip = torch.rand(x.shape[0], device=x.device) < 0.5
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    return x, (None if cfg.model.num_classes == 0 else y)
+
+
+def check_run_dir(out_dir: Path, resume: bool) -> Path | None:
+    """The training state to resume from (None: start from scratch), after refusing to start over a run."""
+    state_path = latest_training_state(out_dir)
+    if not resume and (state_path is not None or (out_dir / "ema.safetensors").exists()):
+        raise FileExistsError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
+    if resume and state_path is None and (out_dir / "ema.safetensors").exists():
+        raise FileExistsError(f"cannot resume {out_dir}: it holds EMA weights but no training state (written by an "
+                              "earlier version); start a new run in another --out")
+    if resume and state_path is None:
+        log.info("--resume: no training state in %s, starting from scratch", out_dir)
+    return state_path
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the rows of a ``metrics.jsonl`` logged after ``step``: on resume from the checkpoint of
+    ``step`` those steps run again and log again. Rows that are not complete JSON (a crash mid-write)
+    are dropped too."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line + "\n")
+    atomic_write(path, lambda tmp: tmp.write_text("".join(kept)))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}"""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resumable(path: Path, saved: dict, now: dict) -> None:
+    """Refuse to resume the state ``path`` (written with the run config ``saved``) under the run config
+    ``now`` unless they agree on every key but :data:`RESUME_FREE`."""
+    then, now = _flatten(saved), _flatten(json.loads(json.dumps(now)))
+    changed = sorted(k for k in then.keys() | now.keys() if k not in RESUME_FREE and then.get(k) != now.get(k))
+    if changed:
+        k = changed[0]
+        raise ValueError(f"cannot resume {path}: {', '.join(changed)} differ from the saved run's config ({k}: "
+                         f"{then.get(k)!r} then, {now.get(k)!r} now); resume with the same config and overrides "
+                         f"(these may change: {', '.join(sorted(RESUME_FREE))})")
+
+
+def _ema_for_sampling(ema: EMA, env: Dist, build: Callable[[], nn.Module]) -> tuple[nn.Module | None, dict | None]:
+    """Collective under FSDP: (EMA network, its weights) on rank 0 as a plain module; (None, None)
+    elsewhere. Sharded EMA weights are gathered here, at sample/checkpoint time only."""
+    if not isinstance(ema.model, FSDPModule):
+        return (ema.model, ema.state_dict()) if env.is_main else (None, None)
+    weights = get_model_state_dict(ema.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not env.is_main:
+        return None, None
+    with torch.random.fork_rng(devices=[]):  # initialising a network draws random weights: keep the training RNG
+        net = build()
+    net.load_state_dict(weights)
+    return net.to(env.device).eval().requires_grad_(False), weights
+
+
+def _nonfinite_sources(data, batches: list[MicroBatch]) -> list[str]:
+    """Where this rank's non-finite input samples come from (files, records): corrupted data."""
+    sources = []
+    for b in batches:
+        bad = ~torch.isfinite(b.images).flatten(1).all(1)
+        if bad.any():
+            sources += data.describe(b.dataset_indices[bad].cpu().numpy())
+    return sources
+
+
+def _save_nonfinite_batch(out_dir: Path, step: int, rank: int, value: float, batches: list[MicroBatch]) -> Path:
+    """This rank's micro-batches of a step whose loss was not finite, for a post-mortem."""
+    path = out_dir / "nonfinite" / f"step-{step:07d}-rank{rank}.pt"
+    saved = [{"index": b.index, "dataset_indices": b.dataset_indices.cpu(), "images": b.images.cpu(),
+              "labels": None if b.labels is None else b.labels.cpu()} for b in batches]
+    atomic_write(path, lambda tmp: torch.save({"step": step, "loss": value, "micro_batches": saved}, tmp))
+    return path
+
+
+@dataclass
+class Run:
+    """What a use of the loop provides. ``cfg``: the run's config (``cfg.train`` drives the loop);
+    ``run_config``: what is saved with every state and checked on resume (the config as a dict, plus
+    e.g. the DyDiT fine-tune's ``init``); ``raw``/``ema``: the network (initialised) and its EMA;
+    ``param_groups(raw)``: AdamW groups (an ``lr_scale`` entry scales a group's learning rate), called
+    after sharding; ``build``: a fresh unsharded network (rank 0 gathers a sharded EMA into it)."""
+
+    cfg: Config
+    run_config: dict[str, Any]
+    raw: nn.Module
+    ema: EMA
+    param_groups: Callable[[nn.Module], list[dict]]
+    loss_fn: LossFn
+    export: Callable[[int, dict], None]
+    build: Callable[[], nn.Module]
+    step_values: Callable[[int], dict[str, float]] = lambda step: {}
+    sample: Callable[[int, nn.Module], None] | None = None
+    desc: str = "train"
+
+
+def train_loop(run: Run, out_dir: Path, env: Dist, data, precision: str, accumulation: int, state_path: Path | None,
+               progress: bool = True) -> None:
+    """Collective: train ``run`` from its newest state ``state_path`` (None: from scratch) to
+    ``train.max_steps`` in ``out_dir``. ``data``: the step-indexed loader (:mod:`maskdit_fast.data.loader`),
+    ``accumulation`` micro-batches per step and process; ``precision`` resolved (bf16 | fp16 | fp32)."""
+    cfg, t, device = run.cfg, run.cfg.train, env.device
+    split = env.world_size * accumulation > 1  # else: one continuous RNG stream, as in a plain run
+    raw, ema = run.raw, run.ema
+    net = parallelize(raw, ema.model, cfg, precision, device, env.world_size, accumulation)
+    groups = [{"lr_scale": 1.0, **g} for g in run.param_groups(raw)]
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+                                  fused=device.type == "cuda" and not t.fsdp_cpu_offload)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    rank_key = f"rank{env.rank}"
+
+    start, loader_state = 0, None
+    if state_path is not None:
+        if state_path.is_file():
+            raise ValueError(f"cannot resume {state_path}: it is a single-file state of an earlier version; resume it "
+                             "with that version, or start a new run from its weights with --init-from")
+        model_sd, optim_sd = get_state_dict(net, optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd, "ema": get_model_state_dict(ema.model),
+                 "rng": {rank_key: process_state_to_load(state_path, rank_key, device)}}
+        meta = load_into(state_path, state)
+        check_resumable(state_path, meta["config"], run.run_config)
+        set_state_dict(net, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        set_model_state_dict(ema.model, state["ema"])
+        if "scaler" in meta:
+            scaler.load_state_dict(meta["scaler"])
+        loader_state = restore_process_state(state, rank_key, device)  # the loader checks it fits this split
+        start = meta["step"]
+        log.info("resumed from %s at step %d (written by %d processes)", state_path, start, meta["world_size"])
+    data.start(start, t.max_steps, loader_state)
+    barrier()  # every rank has read the run directory before rank 0 writes to it
+
+    metrics_file = None
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves no empty run directory
+        (out_dir / CONFIG_FILE).write_text(json.dumps(run.run_config, indent=2))
+        trim_metrics(out_dir / "metrics.jsonl", start)  # rows past the training state are logged again
+        metrics_file = (out_dir / "metrics.jsonl").open("a")
+
+    def checkpoint(step: int, ema_weights: dict | None) -> None:
+        model_sd, optim_sd = get_state_dict(net, optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd, "ema": get_model_state_dict(ema.model),
+                 "rng": {rank_key: process_state(device, data.state())}}
+        meta = {"step": step, "world_size": env.world_size, "scaler": scaler.state_dict(), "config": run.run_config}
+        save_training_state(out_dir, step, state, meta, t.keep_last, env.is_main)
+        if env.is_main:
+            run.export(step, ema_weights)
+
+    autocast = autocast_for(precision, device)
+    sums: dict[str, torch.Tensor] = {}  # metrics since the last log line (finite steps only)
+    grad_norms = torch.zeros((), device=device)
+    window_start, window_steps, window_skipped, skipped = time.perf_counter(), 0, 0, 0
+    bar = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, disable=not (progress and env.is_main),
+               desc=run.desc, dynamic_ncols=True)
+    for step in bar:
+        done = step + 1
+        lr = learning_rate(cfg, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        step_metrics: dict[str, torch.Tensor] = {}
+        batches = []  # this rank's micro-batches, saved if the loss is not finite
+        for a, (j, idx, x, y) in enumerate(data.step(step)):
+            x, y = prepare_micro_batch(cfg, data, step, j, x, y, split)
+            batch = MicroBatch(j, idx, x, y)
+            with gradient_sync(net, a == accumulation - 1):
+                with autocast:
+                    loss, metrics = run.loss_fn(net, batch, step)
+                scaler.scale(loss / accumulation).backward()
+            for key, value in {"loss": loss, **metrics}.items():  # on the device: no host sync but the one below
+                step_metrics[key] = step_metrics.get(key, 0) + value.detach().float() / accumulation
+            batches.append(batch)
+
+        value = all_reduce_mean(step_metrics["loss"].reshape(1)).item()  # the same verdict on every rank
+        if math.isfinite(value):
+            if t.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                grad_norms += clip_grad_norm(net.parameters(), t.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            ema.update(net, step)
+            for key, v in step_metrics.items():
+                sums[key] = sums.get(key, 0) + v
+        elif t.nonfinite == "stop":
+            path = _save_nonfinite_batch(out_dir, done, env.rank, value, batches)
+            sources = _nonfinite_sources(data, batches)
+            if sources:
+                raise FloatingPointError(f"loss is {value} at step {done}: the input latents of {len(sources)} "
+                                         f"sample(s) are not finite, the data is corrupted: {', '.join(sources[:5])}; "
+                                         "check it with python -m maskdit_fast.data.latents verify DIR")
+            raise FloatingPointError(f"loss is {value} at step {done}; its batch is saved as "
+                                     f"{path.parent}/step-{done:07d}-rank*.pt; lower train.lr, use "
+                                     "train.precision=fp32, or set train.nonfinite=skip to skip such steps")
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            window_skipped += 1
+            skipped += 1
+            log.warning("step %d: loss is %s, step skipped (train.nonfinite=skip)%s", done, value,
+                        "".join(f"; non-finite input: {s}" for s in _nonfinite_sources(data, batches)[:5]))
+        window_steps += 1
+
+        if done % t.log_every == 0 or done == t.max_steps:
+            finite_steps = max(window_steps - window_skipped, 1)
+            keys = sorted(step_metrics)
+            stacked = torch.stack([torch.as_tensor(sums.get(k, 0.0), device=device, dtype=torch.float32) for k in keys])
+            means = dict(zip(keys, (all_reduce_mean(stacked) / finite_steps).tolist()))
+            elapsed = time.perf_counter() - window_start
+            record = {"step": done, **means, **run.step_values(step), "lr": lr,
+                      "img_per_s": window_steps * t.global_batch / elapsed, "peak_mem_gb": peak_memory_gb(device)}
+            if t.grad_clip > 0:
+                record["grad_norm"] = grad_norms.item() / finite_steps  # global norm before clipping
+            if t.nonfinite == "skip":
+                record["skipped"] = skipped
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
+            sums = {}
+            grad_norms.zero_()
+            window_start, window_steps, window_skipped = time.perf_counter(), 0, 0
+        paused = time.perf_counter()  # sampling and checkpointing do not count towards img/s
+        sample_now = run.sample is not None and (done % t.sample_every == 0 or done == t.max_steps)
+        ckpt_now = done % t.ckpt_every == 0 or done == t.max_steps
+        if sample_now or ckpt_now:
+            ema_net, ema_weights = _ema_for_sampling(ema, env, run.build)
+            if sample_now and env.is_main:
+                run.sample(done, ema_net)
+            if ckpt_now:
+                checkpoint(done, ema_weights)
+            barrier()
+        window_start += time.perf_counter() - paused
+    if metrics_file is not None:
+        metrics_file.close()
+    data.close()
+
+
+def replace_data_vae(cfg: Config, vae: str | None) -> Config:
+    """``cfg`` with ``data.vae`` set to ``vae`` (the VAE that made the latents) when the config names none; the
+    caller's object is left as it was."""
+    if cfg.data.vae or not vae:
+        return cfg
+    log.info("data.vae: %s (from %s/meta.json)", vae, cfg.data.path)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, vae=vae))
