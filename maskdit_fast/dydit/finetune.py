@@ -40,7 +40,7 @@ from ..dist import Dist, barrier, processes
 from ..generate import generate, seed_labels, write_sample_grid
 from ..models.precision import resolve_precision
 from ..train.ema import EMA
-from ..train.loop import MicroBatch, Run, check_run_dir, replace_data_vae, train_loop
+from ..train.loop import LossFn, MicroBatch, Run, check_run_dir, replace_data_vae, train_loop
 from .checkpoint import save_dydit
 from .config import DyDiTConfig, DyDiTRunConfig
 from .flops import FlopsMeter, ModelFlops, model_flops
@@ -116,7 +116,7 @@ def dydit_loss(net: nn.Module, images: torch.Tensor, labels: torch.Tensor | None
     return terms
 
 
-def dydit_objective(cfg: DyDiTRunConfig, raw: EDMPrecond, teacher: EDMPrecond | None):
+def dydit_objective(cfg: DyDiTRunConfig, raw: EDMPrecond, teacher: EDMPrecond | None) -> LossFn:
     """The DyDiT objective for the training loop (:func:`dydit_loss` at lambda of the step)."""
     flops, levels = model_flops(raw), sampler_sigmas(cfg.sample)
 

@@ -29,7 +29,7 @@ from ..generate import write_sample_grid
 from ..models.precision import resolve_precision
 from ..storage import load_training_state
 from .ema import EMA
-from .loop import MicroBatch, Run, check_run_dir, learning_rate, replace_data_vae, train_loop
+from .loop import LossFn, MicroBatch, Run, check_run_dir, learning_rate, replace_data_vae, train_loop
 
 log = logging.getLogger(__name__)
 __all__ = ["learning_rate", "select_device", "train"]
@@ -40,7 +40,7 @@ def mask_ratio_at(cfg: Config, step: int) -> float:
     return cfg.model.mask_ratio if step < cfg.train.max_steps - cfg.train.unmasked_steps else 0.0
 
 
-def maskdit_objective(cfg: Config):
+def maskdit_objective(cfg: Config) -> LossFn:
     """The MaskDiT / DiT objective for the loop: EDM DSM on kept patches + MAE on masked ones."""
 
     def loss_fn(net: torch.nn.Module, batch: MicroBatch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
