@@ -6,7 +6,9 @@ in a fixed order in a second kernel, so two identical backward passes give ident
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -30,9 +32,31 @@ def block_sizes(d: int) -> tuple[int, int, int]:
     return block_m, block_d, num_warps
 
 
+_simulated_sms: int | None = None
+
+
 @functools.cache
-def _sm_count(index: int) -> int:
+def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors the grids are sized for: the CUDA device's, 1 elsewhere (the
+    interpreter), or the count :func:`simulated_gpu` sets (the static report on a CPU)."""
+    if _simulated_sms is not None:
+        return _simulated_sms
+    return _cuda_sm_count(device.index or 0) if device.type == "cuda" else 1
+
+
+@contextlib.contextmanager
+def simulated_gpu(sms: int) -> Iterator[None]:
+    """Size every grid launched inside for a GPU with ``sms`` multiprocessors (no GPU needed)."""
+    global _simulated_sms
+    previous, _simulated_sms = _simulated_sms, sms
+    try:
+        yield
+    finally:
+        _simulated_sms = previous
 
 
 def row_chunks(batch: int, rows: int, block_m: int, device: torch.device) -> tuple[int, int]:
@@ -44,7 +68,7 @@ def row_chunks(batch: int, rows: int, block_m: int, device: torch.device) -> tup
     are reproducible run to run.
     """
     blocks = triton.cdiv(rows, block_m)
-    target = 4 * _sm_count(device.index or 0) if device.type == "cuda" else 4
+    target = 4 * sm_count(device)
     chunks = max(1, min(blocks, triton.cdiv(target, batch)))
     rows_per_chunk = triton.cdiv(blocks, chunks) * block_m
     return triton.cdiv(rows, rows_per_chunk), rows_per_chunk

@@ -56,8 +56,11 @@ class Result:
     of_copy: float  # Triton bandwidth / device-to-device copy bandwidth
 
 
-def _bytes(op: str, dims: Sequence[int], mode: str, elem: int) -> int:
-    """Bytes an ideal implementation reads and writes (per-sample (N, D) vectors included)."""
+def _bytes(op: str, dims: Sequence[int], mode: str, elem: int, pos: bool = True) -> int:
+    """Bytes an ideal implementation reads and writes (per-sample (N, D) vectors included).
+
+    ``pos``: the token ops add a position table (L, D), read once.
+    """
     if op in ADALN_OPS:
         n, length, d = dims
         big, vec, stats = n * length * d * elem, n * d * elem, n * length * 4
@@ -71,10 +74,10 @@ def _bytes(op: str, dims: Sequence[int], mode: str, elem: int) -> int:
         }[op]
     else:
         n, length, k, d = dims
-        kept, full, table = n * k * d * elem, n * length * d * elem, length * d * elem
+        kept, full, table = n * k * d * elem, n * length * d * elem, length * d * elem * pos
         fwd, bwd = {
-            # x rows + pos rows -> out | dout -> dx (zeros included)
-            "gather_tokens": (3 * kept, kept + full),
+            # x rows + pos table -> out | dout -> dx (zeros included)
+            "gather_tokens": (2 * kept + table, kept + full),
             # x_keep, pos, fill -> out | dout -> dx_keep, dfill
             "scatter_tokens": (kept + table + full, full + kept),
         }[op]

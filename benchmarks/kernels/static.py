@@ -1,0 +1,439 @@
+"""Static kernel report: what decides a memory-bound kernel's speed, read from its GPU binary, no GPU needed.
+
+    python -m benchmarks.kernels.static                    # table on stdout, JSON in static-report.json
+    python -m benchmarks.kernels.static --json out.json --gpus sm_90
+
+Every public op runs at the DiT-XL/2 training shapes on CPU tensors with the Triton backend forced,
+while ``JITFunction.run`` is replaced by a recorder: the launchers build their real grids (sized for
+the simulated GPU's SM count), arguments, constexprs and ``num_warps``, and nothing launches. Each
+recorded call is then specialised exactly as Triton's launcher does it (its binder: divisibility by
+16 of pointers and integers, constexprs) and compiled ahead of time for sm_90 and sm_80 with the
+ptxas bundled in the triton wheel. From the binary it reads:
+
+- registers per thread, spill instructions (``STL``/``LDL`` in the SASS, local memory), shared memory;
+- resident blocks and warps per SM from those and the architecture's limits (65536 registers
+  allocated per warp in 256-register units, 64 warps, 32 blocks, 228 KB / 164 KB shared memory with
+  1 KB reserved per block), hence warp occupancy, and the waves the grid needs;
+- the widths of the global loads and stores (``LDG.E.128`` = 16 bytes ...);
+- the bytes each op moves: every tensor a kernel dereferences (a pointer parameter the PTX loads)
+  counted once at its footprint (row-gathered inputs: the rows gathered), plus every byte read and
+  written by PyTorch ops the op runs besides its kernels (a ``.contiguous()`` copy, an autograd
+  gradient sum), seen through a ``TorchDispatchMode``; against the op's minimum from the shapes
+  (``benchmarks.kernels.bench._bytes``).
+
+What it cannot show: time. No clock, no DRAM or L2 behaviour (re-reads of small per-sample vectors
+by every program are assumed to hit L2 and are not counted; whether the loads of a row step overlap
+is the scheduler's business), no instruction latency or issue-rate limits, no contention with other
+kernels. It proves the preconditions of full bandwidth (occupancy, vector width, minimal traffic,
+no spills, no wave tails); the GPU microbenchmark (``benchmarks.kernels.bench``) is the final word.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+import triton
+from torch._library.custom_ops import OPDEFS
+from torch.utils._python_dispatch import TorchDispatchMode
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+import kernels
+from benchmarks.kernels.bench import _bytes
+from kernels import _common
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    arch: int
+    sms: int
+    smem_per_sm: int
+    max_warps: int = 64
+    max_blocks: int = 32
+    registers: int = 65536
+    smem_reserved: int = 1024  # per block, taken by the runtime
+
+
+GPUS = {
+    "sm_90": Gpu("sm_90", 90, 132, 228 * 1024),  # H100 / H200 SXM
+    "sm_80": Gpu("sm_80", 80, 108, 164 * 1024),  # A100
+}
+
+# DiT-XL/2 at 256 px: N = 64 images per GPU, L = 256 tokens, 128 kept at mask ratio 0.5, D = 1152;
+# decoder 512 wide. DyDiT packs the tokens routed to the MLP (about half) across the batch.
+N, L, K, D, D_DEC = 64, 256, 128, 1152, 512
+SCENARIOS = [
+    ("layernorm_modulate", "xl-L128", (N, K, D)),
+    ("layernorm_modulate", "xl-L256", (N, L, D)),
+    ("layernorm_modulate", "dec-L256", (N, L, D_DEC)),
+    ("gated_residual", "xl-L128", (N, K, D)),
+    ("gated_residual", "dec-L256", (N, L, D_DEC)),
+    ("gated_residual_layernorm_modulate", "xl-L128", (N, K, D)),
+    ("gated_residual_layernorm_modulate", "xl-L256", (N, L, D)),
+    ("gated_residual_layernorm_modulate", "dec-L256", (N, L, D_DEC)),
+    ("gather_tokens", "xl-L256-K128", (N, L, K, D)),
+    ("gather_tokens", "dydit-packed", (1, N * L, N * L // 2, D)),
+    ("scatter_tokens", "dec-L256-K128", (N, L, K, D_DEC)),
+]
+DTYPE = torch.bfloat16
+
+
+@dataclass
+class Launch:
+    """One recorded kernel launch, specialised for one GPU."""
+    kernel: str
+    op: str
+    shape: str
+    phase: str
+    gpu: str
+    grid: tuple[int, ...]
+    num_warps: int
+    constexprs: dict
+    tensor_bytes: list  # per non-constexpr parameter in order: footprint bytes, or None (not a tensor)
+    cols: int  # the row width D the kernel was launched for
+    source: object = field(repr=False, default=None)
+
+
+@dataclass
+class Binary:
+    registers: int
+    spills: int  # STL + LDL instructions in the SASS
+    local_bytes: int
+    shared: int
+    loads: dict  # bytes per instruction -> count
+    stores: dict
+    used_params: list
+
+
+@contextlib.contextmanager
+def recording(out: list) -> Iterator[None]:
+    """Replace kernel launches by a record of ``(kernel, args, kwargs, grid)``."""
+    run = JITFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        out.append((self, args, kwargs, grid))
+
+    JITFunction.run = record
+    try:
+        yield
+    finally:
+        JITFunction.run = run
+
+
+def footprint(t: torch.Tensor) -> int:
+    """Distinct bytes a tensor covers (broadcast, stride-0 dimensions count once)."""
+    elems = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0:
+            elems *= size
+    return elems * t.element_size() if t.numel() else 0
+
+
+_FREE = {"empty", "empty_like", "new_empty", "empty_strided", "detach", "lift_fresh", "_local_scalar_dense",
+         "alias", "_to_copy_noop"}
+_WRITE_ONLY = {"full", "zeros", "zeros_like", "new_zeros", "ones", "ones_like", "fill_", "zero_", "arange",
+               "full_like", "new_full"}
+
+
+class TorchBytes(TorchDispatchMode):
+    """Bytes read and written by the PyTorch ops an op runs around its kernels (copies, sums, casts).
+
+    The package's custom ops are entered (their Python implementation runs under this mode), so
+    the ops inside them are seen too; kernel launches are recorded separately.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name
+        if name.startswith("maskdit::"):
+            with self:
+                return OPDEFS[name]._init_fn(*args, **kwargs)
+        out = func(*args, **kwargs)
+        base = name.split("::")[-1]
+        tensors_in = [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
+        tensors_out = [t for t in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(t, torch.Tensor)]
+        # Views and ops that may return their input (contiguous, to, expand ...) move nothing when they do.
+        inputs = {t.untyped_storage().data_ptr() for t in tensors_in if t.numel()}
+        fresh = [t for t in tensors_out if t.numel() and t.untyped_storage().data_ptr() not in inputs]
+        if base not in _FREE and fresh:
+            moved = sum(footprint(t) for t in ([] if base in _WRITE_ONLY else tensors_in) + fresh)
+            self.ops.append((name, moved))
+        return out
+
+
+def _leaf(*shape, grad=True):
+    return (torch.randn(shape, dtype=torch.float32) + 0.1).to(DTYPE).requires_grad_(grad)
+
+
+def op_inputs(op: str, dims: tuple[int, ...]):
+    """(callable, args, output shapes) of one public op at ``dims`` on CPU tensors, as a training step feeds it."""
+    if op in ("layernorm_modulate", "gated_residual", "gated_residual_layernorm_modulate"):
+        n, length, d = dims
+        # The adaLN vectors are chunks of one (N, 6D) Linear output: strided views, as in a DiT block.
+        mod = _leaf(n, 6 * d)
+        shift, scale, gate = mod[:, :d], mod[:, d:2 * d], mod[:, 2 * d:3 * d]
+        x, y = _leaf(n, length, d), _leaf(n, length, d)
+        args = {"layernorm_modulate": (x, shift, scale), "gated_residual": (x, gate, y),
+                "gated_residual_layernorm_modulate": (x, gate, y, shift, scale)}[op]
+        return getattr(kernels, op), args, [(n, length, d)] * (2 if op == "gated_residual_layernorm_modulate" else 1)
+    n, length, k, d = dims
+    ids = torch.rand(n, length).argsort(dim=1)[:, :k]
+    if op == "gather_tokens":
+        if n == 1:  # DyDiT: the packed tokens of the flattened batch, no position embedding
+            return kernels.gather_tokens, (_leaf(n, length, d), ids, None), [(n, k, d)]
+        return kernels.gather_tokens, (patch_embed_output(n, length, d), ids, _leaf(length, d, grad=False)), \
+            [(n, k, d)]
+    pos = _leaf(length, d, grad=False)
+    return kernels.scatter_tokens, (_leaf(n, k, d), ids, length, _leaf(d), pos), [(n, length, d)]
+
+
+def patch_embed_output(n: int, length: int, d: int) -> torch.Tensor:
+    """The tokens MaskDiT gathers from: the patch embedding's output, in the layout it really has."""
+    from maskdit_fast.models.layers import PatchEmbed
+
+    side = int(length ** 0.5)
+    embed = PatchEmbed(4, d, 2).to(DTYPE)
+    with torch.no_grad():
+        tokens = embed(torch.randn(n, 4, 2 * side, 2 * side, dtype=DTYPE))
+    return tokens.requires_grad_()
+
+
+def _specialise(fn: JITFunction, args, kwargs, gpu: Gpu):
+    """What Triton's launcher would compile for this call on ``gpu``.
+
+    Returns the ASTSource, the options, the runtime parameters as ``{name: value}`` in order (what
+    the binary receives) and the constexprs ``{name: value}``.
+    """
+    backend = make_backend(GPUTarget("cuda", gpu.arch, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = dict(kwargs, debug=False)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    values = dict(zip(signature, bound.values()))
+    params = {name: values[name] for name, kind in signature.items() if kind != "constexpr"}
+    fixed = {name: values[name] for name, kind in signature.items() if kind == "constexpr"}
+    return ASTSource(fn, signature, constexprs, attrs), options, params, fixed
+
+
+def _gathered_rows(name: str, bound: dict) -> dict[str, int]:
+    """Parameters read only at gathered rows, with the bytes read (the rest of the tensor is never touched)."""
+    if name == "_gather_kernel":
+        x, ids = bound["X"], bound["IDS"]
+        return {"X": ids.numel() * x.shape[-1] * x.element_size()}
+    return {}
+
+
+def record_scenario(op: str, shape: str, dims: tuple[int, ...], gpu: Gpu) -> tuple[list[Launch], dict]:
+    """Run ``op`` forward, then backward, recording launches and torch-op bytes of each phase."""
+    fn, args, out_shapes = op_inputs(op, dims)
+    launches: list[Launch] = []
+    torch_bytes = {}
+    outs = None
+    with _common.simulated_gpu(gpu.sms), kernels.backend("triton"):
+        for phase in ("fwd", "bwd"):
+            calls: list = []
+            mode = TorchBytes()
+            grads = [torch.randn(s).to(DTYPE) for s in out_shapes]
+            with recording(calls), mode:
+                if phase == "fwd":
+                    outs = fn(*args)
+                    outs = list(outs) if isinstance(outs, tuple) else [outs]
+                else:  # autograd.grad: no accumulation into .grad (a copy a leaf of another layout would get)
+                    torch.autograd.grad(outs, [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad],
+                                        grads)
+            torch_bytes[phase] = mode.ops
+            for kernel, cargs, ckwargs, grid in calls:
+                src, options, params, constexprs = _specialise(kernel, cargs, ckwargs, gpu)
+                gathered = _gathered_rows(kernel.__name__, params)
+                sizes = [gathered.get(name, footprint(v) if isinstance(v, torch.Tensor) else None)
+                         for name, v in params.items()]
+                grid = tuple(grid) + (1,) * (3 - len(grid))
+                launches.append(Launch(kernel.__name__, op, shape, phase, gpu.name, grid, options.num_warps,
+                                       {k: v for k, v in constexprs.items() if isinstance(v, (int, float, bool))},
+                                       sizes, int(params.get("D", constexprs.get("D", 0)) or 0), (src, options)))
+    return launches, torch_bytes
+
+
+_WIDTH = {"128": 16, "64": 8, "U16": 2, "S16": 2, "16": 2, "U8": 1, "S8": 1}
+
+
+def _sass_widths(sass: str, opcode: str) -> dict[int, int]:
+    widths: dict[int, int] = {}
+    for suffix in re.findall(rf"\b{opcode}((?:\.[A-Z0-9_]+)*)\s", sass):
+        parts = suffix.strip(".").split(".")
+        width = next((_WIDTH[p] for p in parts if p in _WIDTH), 4)
+        widths[width] = widths.get(width, 0) + 1
+    return dict(sorted(widths.items(), reverse=True))
+
+
+def analyse(compiled) -> Binary:
+    """Registers, spills, shared memory, global access widths and the parameters the code reads."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(compiled.asm["cubin"])
+    try:
+        usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "--dump-resource-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", f.name],
+                              capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    spills = len(re.findall(r"\b(?:STL|LDL)(?:\.[A-Z0-9]+)*\s", sass))
+    used = sorted({int(i) for i in re.findall(r"_param_(\d+)\]", compiled.asm["ptx"])})
+    return Binary(int(fields["REG"]), spills, int(fields["LOCAL"]) + int(fields["STACK"]),
+                  max(int(fields["SHARED"]), compiled.metadata.shared), _sass_widths(sass, "LDG"),
+                  _sass_widths(sass, "STG"), used)
+
+
+def occupancy(gpu: Gpu, registers: int, num_warps: int, shared: int) -> int:
+    """Resident blocks per SM for this kernel (the CUDA occupancy calculator's rules)."""
+    per_warp = -(-registers * 32 // 256) * 256
+    by_regs = (gpu.registers // per_warp) // num_warps if registers else gpu.max_blocks
+    by_smem = gpu.smem_per_sm // (-(-shared // 128) * 128 + gpu.smem_reserved)
+    return max(0, min(gpu.max_blocks, gpu.max_warps // num_warps, by_regs, by_smem))
+
+
+def build(gpus: Sequence[Gpu], scenarios=SCENARIOS) -> dict:
+    """Record, compile and analyse every scenario on every GPU; returns the JSON-able report."""
+    if not isinstance(_common._sum_partials_kernel, JITFunction):
+        # Under TRITON_INTERPRET=1 the kernels are interpreted functions that the recorder cannot see.
+        raise RuntimeError("the static report compiles the kernels: run it without TRITON_INTERPRET=1")
+    kernel_rows, op_rows = [], []
+    cache: dict = {}
+    for gpu in gpus:
+        for op, shape, dims in scenarios:
+            launches, torch_bytes = record_scenario(op, shape, dims, gpu)
+            for phase in ("fwd", "bwd"):
+                kernel_bytes = 0
+                for launch in (x for x in launches if x.phase == phase):
+                    src, options = launch.source
+                    key = (gpu.arch, src.hash(), options.hash())
+                    if key not in cache:
+                        cache[key] = analyse(triton.compile(src, target=GPUTarget("cuda", gpu.arch, 32),
+                                                            options=options.__dict__))
+                    b = cache[key]
+                    moved = sum(s for i, s in enumerate(launch.tensor_bytes) if s and i in b.used_params)
+                    kernel_bytes += moved
+                    blocks = occupancy(gpu, b.registers, launch.num_warps, b.shared)
+                    programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
+                    waves = programs / (blocks * gpu.sms) if blocks else float("inf")
+                    width = launch.constexprs.get("BLOCK_D", 0) + launch.constexprs.get("BLOCK_E", 0)
+                    padding = -(-launch.cols // width) * width / launch.cols if width and launch.cols else 1.0
+                    kernel_rows.append(dict(
+                        kernel=launch.kernel, padding=padding, op=op, shape=shape, phase=phase, gpu=gpu.name,
+                        constexprs=launch.constexprs, num_warps=launch.num_warps, grid=launch.grid,
+                        registers=b.registers, spills=b.spills, local_bytes=b.local_bytes, shared=b.shared,
+                        blocks_per_sm=blocks, warps_per_sm=blocks * launch.num_warps,
+                        occupancy=blocks * launch.num_warps / gpu.max_warps, programs=programs, waves=waves,
+                        wave_fill=waves / max(1, -(-programs // max(1, blocks * gpu.sms))) if blocks else 0.0,
+                        load_widths=b.loads, store_widths=b.stores, bytes=moved))
+                elem = torch.empty((), dtype=DTYPE).element_size()
+                dims = next(d for o, s, d in scenarios if (o, s) == (op, shape))
+                pos = shape != "dydit-packed"
+                minimum = _bytes(op, dims, "fwd", elem, pos)
+                if phase == "bwd":
+                    minimum = _bytes(op, dims, "fwd+bwd", elem, pos) - minimum
+                extra = sum(b for _, b in torch_bytes[phase])
+                op_rows.append(dict(op=op, shape=shape, dims=dims, phase=phase, gpu=gpu.name,
+                                    kernel_bytes=kernel_bytes, torch_bytes=extra,
+                                    torch_ops=sorted({n for n, _ in torch_bytes[phase]}),
+                                    minimum=minimum, ratio=(kernel_bytes + extra) / minimum))
+    return {"triton": triton.__version__, "torch": torch.__version__, "dtype": str(DTYPE),
+            "gpus": [asdict(g) for g in gpus], "kernels": kernel_rows, "ops": op_rows}
+
+
+# Targets for a memory-bound kernel (design.md, "Performance truth without a GPU").
+MIN_OCCUPANCY = 0.5
+MAX_BYTES_RATIO = 1.10
+MIN_WAVE_FILL = 0.85
+MAX_PADDING = 1.10
+# Kernels exempt from the occupancy / wave targets, with the reason (each also argued where it is defined).
+SMALL_KERNELS = {
+    "_sum_partials_kernel": "second pass of the split reductions: reads the (P, D) partials, < 7% of the op's bytes",
+}
+
+
+def violations(report: dict) -> list[str]:
+    """Every way the report misses a target: spills, occupancy, wave tails, padding, bytes over the minimum."""
+    found = []
+    for r in report["kernels"]:
+        where = f"{r['gpu']} {r['kernel']} ({r['op']} {r['shape']} {r['phase']})"
+        if r["spills"]:
+            found.append(f"{where}: {r['spills']} spill instructions")
+        if r["kernel"] in SMALL_KERNELS:
+            continue
+        if r["occupancy"] < MIN_OCCUPANCY:
+            found.append(f"{where}: {r['occupancy']:.0%} warp occupancy ({r['registers']} registers, "
+                         f"{r['num_warps']} warps, {r['blocks_per_sm']} blocks/SM)")
+        if r["wave_fill"] < MIN_WAVE_FILL:
+            found.append(f"{where}: {r['waves']:.2f} waves, last one {r['wave_fill']:.0%} full")
+        if r.get("padding", 1.0) > MAX_PADDING:
+            found.append(f"{where}: column tiles {r['padding']:.2f}x the row width")
+    for r in report["ops"]:
+        if r["ratio"] > MAX_BYTES_RATIO:
+            found.append(f"{r['gpu']} {r['op']} ({r['shape']} {r['phase']}): moves {r['ratio']:.3f}x the minimum bytes")
+    return found
+
+
+def _widths(w: dict) -> str:
+    return " ".join(f"{b}Bx{c}" for b, c in w.items()) or "-"
+
+
+def tables(report: dict) -> str:
+    """The report as two fixed-width tables: kernels (per launch), then bytes per op."""
+    head = (f"{'gpu':5} {'kernel':22} {'op':34} {'shape':14} {'ph':3} {'warps':>5} {'regs':>4} {'spill':>5} "
+            f"{'smem':>6} {'blk/SM':>6} {'occ':>4} {'programs':>8} {'waves':>6} {'fill':>5} {'pad':>4}  ld / st widths")
+    rows = [head, "-" * len(head)]
+    for r in report["kernels"]:
+        rows.append(f"{r['gpu']:5} {r['kernel'].strip('_'):22} {r['op']:34} {r['shape']:14} {r['phase']:3} "
+                    f"{r['num_warps']:5} {r['registers']:4} {r['spills']:5} {r['shared']:6} {r['blocks_per_sm']:6} "
+                    f"{r['occupancy']:4.0%} {r['programs']:8} {r['waves']:6.2f} {r['wave_fill']:5.0%} {r['padding']:4.2f}  "
+                    f"{_widths(r['load_widths'])} / {_widths(r['store_widths'])}")
+    head2 = f"{'gpu':5} {'op':34} {'shape':14} {'ph':3} {'kernel MB':>9} {'torch MB':>8} {'min MB':>8} {'ratio':>6}  torch ops"
+    rows += ["", head2, "-" * len(head2)]
+    for r in report["ops"]:
+        rows.append(f"{r['gpu']:5} {r['op']:34} {r['shape']:14} {r['phase']:3} {r['kernel_bytes'] / 1e6:9.2f} "
+                    f"{r['torch_bytes'] / 1e6:8.2f} {r['minimum'] / 1e6:8.2f} {r['ratio']:6.3f}  "
+                    f"{', '.join(r['torch_ops']) or '-'}")
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gpus", default=",".join(GPUS), help=f"comma-separated subset of {','.join(GPUS)}")
+    parser.add_argument("--json", default="static-report.json", help="where to write the JSON report")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed (listed on stderr)")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.gpus.split(",")) - set(GPUS))
+    if unknown:
+        parser.error(f"unknown GPUs {unknown}; choose from {list(GPUS)}")
+    report = build([GPUS[g] for g in args.gpus.split(",")])
+    print(tables(report))
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    missed = violations(report)
+    if missed:
+        print(f"\n{len(missed)} targets missed:\n" + "\n".join(missed), file=sys.stderr if args.check else sys.stdout)
+    return 1 if args.check and missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
