@@ -1,35 +1,56 @@
-"""Pieces shared by the Triton kernels: tile sizes, row chunking, and the deterministic sum.
+"""Pieces shared by the Triton kernels: row tiles, grid sizing, and the deterministic sum.
+
+Tiles. A row of width D is covered by two power-of-two column tiles, ``BLOCK_D`` (the largest power
+of two <= D) and ``BLOCK_E`` (the next power of two >= the rest, 0 when D is one): D = 1152 is
+1024 + 128 with no masked lane, where one 2048-wide tile would mask 44% of them. ``ROWS`` rows
+share a step so that every thread holds ``per_thread`` elements of each streamed tensor.
+
+Grids. Every kernel is persistent over rows: program ``(n, c)`` walks rows
+``[c * rows_per_chunk, (c + 1) * rows_per_chunk)`` of sample n. :func:`row_chunks` sizes the grid
+to fill the GPU's resident-block slots once (``programs_per_sm`` x SMs, the occupancy each
+launcher states for its kernel, which the static report checks against the compiled binary).
 
 Reductions over the sequence (dshift, dscale, dgate, dfill) never use atomics: each program
-sums its own chunk of rows into a float32 partial, and :func:`sum_partials` adds the partials
-in a fixed order in a second kernel, so two identical backward passes give identical bits.
+keeps its column sums in registers across its rows and writes one float32 partial row;
+:func:`sum_partials` adds the partials in a fixed order in a second kernel, so two identical
+backward passes give identical bits.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-# Elements per program tile: large enough to stream rows at full bandwidth, small enough to
-# keep the backward's half-dozen live (BLOCK_M, BLOCK_D) float32 tiles in registers.
-_TILE = 4096
-_MAX_ROWS = 32
+_MAX_ROWS = 64
 
 
-def block_sizes(d: int) -> tuple[int, int, int]:
-    """``(BLOCK_M, BLOCK_D, num_warps)`` for rows of width ``d``.
+class Tiles(NamedTuple):
+    rows: int  # ROWS: rows per step
+    block_d: int  # BLOCK_D: first column tile
+    block_e: int  # BLOCK_E: second column tile (0: none)
+    num_warps: int
 
-    ``BLOCK_D`` is the next power of two (tl.arange needs one; the tail is masked), and
-    ``BLOCK_M`` rows share a program so narrow widths (72, 512) still give full tiles.
-    """
-    block_d = triton.next_power_of_2(d)
-    block_m = max(1, min(_MAX_ROWS, _TILE // block_d))
-    num_warps = min(16, max(1, block_m * block_d // 512))
-    return block_m, block_d, num_warps
+
+def col_tiles(d: int) -> tuple[int, int]:
+    """``(BLOCK_D, BLOCK_E)``: two powers of two covering ``d`` columns with the least padding."""
+    block_d = 1 << (max(1, d).bit_length() - 1)
+    rest = d - block_d
+    return block_d, (triton.next_power_of_2(rest) if rest else 0)
+
+
+def row_tiles(d: int, num_warps: int, per_thread: int) -> Tiles:
+    """Tiles for rows of width ``d`` in programs of ``num_warps`` warps, ``per_thread`` elements per thread
+    and streamed tensor in the first tile (8 bf16 = one 16-byte load; 4 = 8 bytes, for register-heavy
+    backward kernels). Narrow rows get more rows per step; tiny widths fewer warps."""
+    block_d, block_e = col_tiles(d)
+    warps = max(1, min(num_warps, block_d * _MAX_ROWS // (32 * per_thread)))
+    rows = max(1, min(_MAX_ROWS, 32 * warps * per_thread // block_d))
+    return Tiles(rows, block_d, block_e, warps)
 
 
 _simulated_sms: int | None = None
@@ -59,41 +80,44 @@ def simulated_gpu(sms: int) -> Iterator[None]:
         _simulated_sms = previous
 
 
-def row_chunks(batch: int, rows: int, block_m: int, device: torch.device) -> tuple[int, int]:
-    """Split each sample's ``rows`` into chunks for a backward pass with per-chunk partial sums.
+def row_chunks(batch: int, rows: int, step: int, programs_per_sm: int, device: torch.device) -> tuple[int, int]:
+    """Split each sample's ``rows`` into chunks, one program each, to fill the GPU's slots once.
 
-    Returns ``(chunks, rows_per_chunk)``; ``rows_per_chunk`` is a multiple of ``block_m``.
-    ``batch * chunks`` programs are enough to fill the GPU (a few per SM) while keeping the
-    partial-sum buffers small. The split depends only on shapes and the device, so results
-    are reproducible run to run.
+    Returns ``(chunks, rows_per_chunk)``; ``rows_per_chunk`` is a multiple of ``step``. The grid
+    ``batch * chunks`` is at most ``programs_per_sm * SMs`` (one wave) unless a sample has fewer
+    steps than that needs. The split depends only on shapes and the device: reproducible results.
     """
-    blocks = triton.cdiv(rows, block_m)
-    target = 4 * sm_count(device)
-    chunks = max(1, min(blocks, triton.cdiv(target, batch)))
-    rows_per_chunk = triton.cdiv(blocks, chunks) * block_m
-    return triton.cdiv(rows, rows_per_chunk), rows_per_chunk
+    steps = triton.cdiv(max(rows, 1), step)
+    slots = programs_per_sm * sm_count(device)
+    chunks = max(1, min(steps, slots // max(batch, 1)))
+    rows_per_chunk = triton.cdiv(steps, chunks) * step
+    return triton.cdiv(max(rows, 1), rows_per_chunk), rows_per_chunk
 
 
 @triton.jit
 def _sum_partials_kernel(PARTIAL, OUT, C, D, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    # PARTIAL: (B, C, D) float32 -> OUT: (B, D) float32, summed over C in a fixed order.
+    # PARTIAL: (B, C, D) float32 -> OUT: (B, D), summed over C in a fixed order, stored in OUT's dtype.
+    # A small second pass (the partials are < 7% of the backward's bytes): its occupancy does not matter.
     b = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
     base = PARTIAL + b.to(tl.int64) * C * D
-    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
         mask = (cs < C)[:, None] & col_ok[None, :]
-        acc += tl.sum(tl.load(base + cs[:, None] * D + cols[None, :], mask=mask, other=0.0), axis=0)
-    tl.store(OUT + b.to(tl.int64) * D + cols, acc, mask=col_ok)
+        acc += tl.load(base + cs[:, None] * D + cols[None, :], mask=mask, other=0.0)
+    tl.store(OUT + b.to(tl.int64) * D + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=col_ok)
 
 
-def sum_partials(partial: torch.Tensor) -> torch.Tensor:
-    """Deterministic ``partial.sum(1)`` for a contiguous float32 ``(B, C, D)`` -> ``(B, D)``."""
+def sum_partials(partial: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Deterministic ``partial.sum(1)`` for a contiguous float32 ``(B, C, D)`` -> ``(B, D)`` in ``dtype``."""
     b, c, d = partial.shape
-    out = torch.empty((b, d), dtype=torch.float32, device=partial.device)
-    block_d = min(triton.next_power_of_2(d), 256)
-    block_c = min(triton.next_power_of_2(c), 16)
+    out = torch.empty((b, d), dtype=dtype, device=partial.device)
+    if out.numel() == 0:
+        return out
+    # A column block that divides D (1152 = 9 x 128) leaves no masked lane.
+    block_d = next((w for w in (256, 128, 64, 32) if d % w == 0), min(triton.next_power_of_2(d), 128))
+    block_c = min(triton.next_power_of_2(max(c, 1)), 8)
     _sum_partials_kernel[(b, triton.cdiv(d, block_d))](partial, out, c, d, BLOCK_C=block_c, BLOCK_D=block_d)
     return out

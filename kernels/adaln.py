@@ -20,42 +20,72 @@ import triton.language as tl
 
 from . import reference
 from ._backend import use_triton
-from ._common import block_sizes, row_chunks, sum_partials
+from ._common import row_chunks, row_tiles, sum_partials
 
 
 @triton.jit
 def _adaln_fwd_kernel(
-    X, GATE, Y, SHIFT, SCALE,  # inputs: (N, L, D), (N, D), (N, L, D), (N, D), (N, D)
+    X, GATE, Y, SHIFT, SCALE,  # inputs: (N, L, D), (N|1, D), (N, L, D), (N|1, D), (N|1, D)
     R, OUT, MEAN, RSTD,  # outputs: residual (N, L, D), normed (N, L, D), mean/rstd (N*L,) float32
-    L, D, stride_gate, stride_shift, stride_scale, eps,
-    HAS_RESIDUAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    L, D, rows_per_chunk, stride_gate, stride_shift, stride_scale, eps,
+    HAS_RESIDUAL: tl.constexpr, HAS_NORM: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
+    # Program (n, c) walks its chunk of sample n's rows, ROWS at a time; a row is the column tiles
+    # [0, BLOCK_D) and [BLOCK_D, BLOCK_D + BLOCK_E) (BLOCK_E = 0: one tile). The per-sample vectors
+    # are loaded once per program.
     n = tl.program_id(0)
-    ls = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    mask = (ls < L)[:, None] & col_ok[None, :]
-    rows = n.to(tl.int64) * L + ls
-    offs = rows[:, None] * D + cols[None, :]
-
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    start = tl.program_id(1) * rows_per_chunk
+    end = tl.minimum(start + rows_per_chunk, L)
+    cd = tl.arange(0, BLOCK_D)
+    ce = BLOCK_D + tl.arange(0, BLOCK_E if BLOCK_E > 0 else 1)
+    ce_ok = ce < D
     if HAS_RESIDUAL:
-        gate = tl.load(GATE + n * stride_gate + cols, mask=col_ok, other=0.0).to(tl.float32)
-        y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
-        r = (x + gate[None, :] * y).to(R.dtype.element_ty)
-        tl.store(R + offs, r, mask=mask)
-        # Normalise the stored (rounded) residual: the backward only sees that one.
-        x = r.to(tl.float32)
+        gate_d = tl.load(GATE + n * stride_gate + cd).to(tl.float32)[None, :]
+        gate_e = tl.load(GATE + n * stride_gate + ce, mask=ce_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_NORM:
-        mean = tl.sum(x, axis=1) / D
-        xc = tl.where(mask, x - mean[:, None], 0.0)
-        rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / D + eps)
-        shift = tl.load(SHIFT + n * stride_shift + cols, mask=col_ok, other=0.0).to(tl.float32)
-        scale = tl.load(SCALE + n * stride_scale + cols, mask=col_ok, other=0.0).to(tl.float32)
-        out = xc * rstd[:, None] * (1.0 + scale[None, :]) + shift[None, :]
-        tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=mask)
-        tl.store(MEAN + rows, mean, mask=ls < L)
-        tl.store(RSTD + rows, rstd, mask=ls < L)
+        shift_d = tl.load(SHIFT + n * stride_shift + cd).to(tl.float32)[None, :]
+        shift_e = tl.load(SHIFT + n * stride_shift + ce, mask=ce_ok, other=0.0).to(tl.float32)[None, :]
+        scale_d = 1.0 + tl.load(SCALE + n * stride_scale + cd).to(tl.float32)[None, :]
+        scale_e = 1.0 + tl.load(SCALE + n * stride_scale + ce, mask=ce_ok, other=0.0).to(tl.float32)[None, :]
+
+    for l0 in range(start, end, ROWS):
+        ls = l0 + tl.arange(0, ROWS)
+        row_ok = ls < end
+        rows = n.to(tl.int64) * L + ls
+        od = rows[:, None] * D + cd[None, :]
+        oe = rows[:, None] * D + ce[None, :]
+        md = row_ok[:, None]
+        me = row_ok[:, None] & ce_ok[None, :]
+        xd = tl.load(X + od, mask=md, other=0.0).to(tl.float32)
+        if BLOCK_E > 0:
+            xe = tl.load(X + oe, mask=me, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            yd = tl.load(Y + od, mask=md, other=0.0).to(tl.float32)
+            rd = (xd + gate_d * yd).to(R.dtype.element_ty)
+            tl.store(R + od, rd, mask=md)
+            xd = rd.to(tl.float32)  # normalise the stored (rounded) residual: the backward only sees that one
+            if BLOCK_E > 0:
+                ye = tl.load(Y + oe, mask=me, other=0.0).to(tl.float32)
+                re = (xe + gate_e * ye).to(R.dtype.element_ty)
+                tl.store(R + oe, re, mask=me)
+                xe = re.to(tl.float32)
+        if HAS_NORM:
+            total = tl.sum(xd, axis=1)
+            if BLOCK_E > 0:
+                total += tl.sum(xe, axis=1)
+            mean = total / D
+            xd = xd - mean[:, None]
+            sq = tl.sum(xd * xd, axis=1)
+            if BLOCK_E > 0:
+                xe = tl.where(me, xe - mean[:, None], 0.0)
+                sq += tl.sum(xe * xe, axis=1)
+            rstd = tl.rsqrt(sq / D + eps)
+            tl.store(OUT + od, (xd * rstd[:, None] * scale_d + shift_d).to(OUT.dtype.element_ty), mask=md)
+            if BLOCK_E > 0:
+                tl.store(OUT + oe, (xe * rstd[:, None] * scale_e + shift_e).to(OUT.dtype.element_ty), mask=me)
+            tl.store(MEAN + rows, mean, mask=row_ok)
+            tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
 @triton.jit
@@ -64,69 +94,137 @@ def _adaln_bwd_kernel(
     DX, DY, PARTIAL,  # outputs: (N, L, D), (N, L, D), float32 (P, N, C, D) partial sums
     L, D, rows_per_chunk, stride_gate, stride_scale,
     HAS_RESIDUAL: tl.constexpr, HAS_NORM: tl.constexpr, HAS_DR: tl.constexpr, NORM_SLOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     # XR is the normalised input: x for layernorm_modulate, the saved residual r for the fused op.
     # PARTIAL slots: [dgate] if HAS_RESIDUAL, then [dshift, dscale] from NORM_SLOT if HAS_NORM.
+    # The column sums stay in (ROWS, BLOCK) register tiles across the program's rows (no cross-warp
+    # reduction per step) and are reduced over ROWS once, into one partial row per program.
     n = tl.program_id(0)
     c = tl.program_id(1)
-    num_n = tl.num_programs(0)
-    num_c = tl.num_programs(1)
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < D
     start = c * rows_per_chunk
     end = tl.minimum(start + rows_per_chunk, L)
-
+    cd = tl.arange(0, BLOCK_D)
+    ce = BLOCK_D + tl.arange(0, BLOCK_E if BLOCK_E > 0 else 1)
+    ce_ok = ce < D
     if HAS_RESIDUAL:
-        gate = tl.load(GATE + n * stride_gate + cols, mask=col_ok, other=0.0).to(tl.float32)
+        gate_d = tl.load(GATE + n * stride_gate + cd).to(tl.float32)[None, :]
+        gate_e = tl.load(GATE + n * stride_gate + ce, mask=ce_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_NORM:
-        scale1 = 1.0 + tl.load(SCALE + n * stride_scale + cols, mask=col_ok, other=0.0).to(tl.float32)
-    acc_gate = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    acc_shift = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    acc_scale = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        scale_d = 1.0 + tl.load(SCALE + n * stride_scale + cd).to(tl.float32)[None, :]
+        scale_e = 1.0 + tl.load(SCALE + n * stride_scale + ce, mask=ce_ok, other=0.0).to(tl.float32)[None, :]
+    acc_gate_d = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+    acc_shift_d = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+    acc_scale_d = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+    acc_gate_e = tl.zeros((ROWS, BLOCK_E if BLOCK_E > 0 else 1), dtype=tl.float32)
+    acc_shift_e = tl.zeros((ROWS, BLOCK_E if BLOCK_E > 0 else 1), dtype=tl.float32)
+    acc_scale_e = tl.zeros((ROWS, BLOCK_E if BLOCK_E > 0 else 1), dtype=tl.float32)
 
-    for l0 in range(start, end, BLOCK_M):
-        ls = l0 + tl.arange(0, BLOCK_M)
+    for l0 in range(start, end, ROWS):
+        ls = l0 + tl.arange(0, ROWS)
         row_ok = ls < end
-        mask = row_ok[:, None] & col_ok[None, :]
         rows = n.to(tl.int64) * L + ls
-        offs = rows[:, None] * D + cols[None, :]
-
+        od = rows[:, None] * D + cd[None, :]
+        oe = rows[:, None] * D + ce[None, :]
+        md = row_ok[:, None]
+        me = row_ok[:, None] & ce_ok[None, :]
+        # Every load of the step is issued before the first reduction (one memory round trip per step);
+        # dr and y stay in their storage dtype until used (bf16: half the registers while in flight).
+        if HAS_DR:
+            drd = tl.load(DR + od, mask=md, other=0.0)
+            if BLOCK_E > 0:
+                dre = tl.load(DR + oe, mask=me, other=0.0)
+        if HAS_RESIDUAL:
+            yd = tl.load(Y + od, mask=md, other=0.0)
+            if BLOCK_E > 0:
+                ye = tl.load(Y + oe, mask=me, other=0.0)
         if HAS_NORM:
-            dout = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
-            mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
-            rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
-            xr = tl.load(XR + offs, mask=mask, other=0.0).to(tl.float32)
-            xhat = tl.where(mask, (xr - mean[:, None]) * rstd[:, None], 0.0)
-            acc_shift += tl.sum(dout, axis=0)
-            acc_scale += tl.sum(dout * xhat, axis=0)
-            g = dout * scale1[None, :]
-            mean_g = tl.sum(g, axis=1) / D
-            mean_gx = tl.sum(g * xhat, axis=1) / D
-            dx = (g - mean_g[:, None] - xhat * mean_gx[:, None]) * rstd[:, None]
+            dod = tl.load(DOUT + od, mask=md, other=0.0).to(tl.float32)
+            xd = tl.load(XR + od, mask=md, other=0.0).to(tl.float32)
+            if BLOCK_E > 0:
+                doe = tl.load(DOUT + oe, mask=me, other=0.0).to(tl.float32)
+                xe = tl.load(XR + oe, mask=me, other=0.0).to(tl.float32)
+            mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)[:, None]
+            rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)[:, None]
+            # Masked rows and columns have dout = 0 (and masked rows rstd = 0): g, the sums and the
+            # accumulators get nothing from them.
+            xhd = (xd - mean) * rstd
+            gd = dod * scale_d
+            acc_shift_d += dod
+            acc_scale_d += dod * xhd
+            s_g = tl.sum(gd, axis=1)
+            s_gx = tl.sum(gd * xhd, axis=1)
+            if BLOCK_E > 0:
+                xhe = (xe - mean) * rstd
+                ge = doe * scale_e
+                acc_shift_e += doe
+                acc_scale_e += doe * xhe
+                s_g += tl.sum(ge, axis=1)
+                s_gx += tl.sum(ge * xhe, axis=1)
+            s_g = (s_g / D)[:, None]
+            s_gx = (s_gx / D)[:, None]
+            dxd = (gd - s_g - xhd * s_gx) * rstd
+            if BLOCK_E > 0:
+                dxe = (ge - s_g - xhe * s_gx) * rstd
             if HAS_DR:
-                dx += tl.load(DR + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+                dxd += drd.to(tl.float32)
+                if BLOCK_E > 0:
+                    dxe += dre.to(tl.float32)
+            tl.store(DX + od, dxd.to(DX.dtype.element_ty), mask=md)
+            if BLOCK_E > 0:
+                tl.store(DX + oe, dxe.to(DX.dtype.element_ty), mask=me)
         else:
             # gated_residual alone: dx is the incoming gradient itself, returned without a copy.
-            dx = tl.load(DR + offs, mask=mask, other=0.0).to(tl.float32)
+            dxd = drd.to(tl.float32)
+            if BLOCK_E > 0:
+                dxe = dre.to(tl.float32)
         if HAS_RESIDUAL:
-            y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(DY + offs, (dx * gate[None, :]).to(DY.dtype.element_ty), mask=mask)
-            acc_gate += tl.sum(dx * y, axis=0)
+            tl.store(DY + od, (dxd * gate_d).to(DY.dtype.element_ty), mask=md)
+            acc_gate_d += dxd * yd.to(tl.float32)
+            if BLOCK_E > 0:
+                tl.store(DY + oe, (dxe * gate_e).to(DY.dtype.element_ty), mask=me)
+                acc_gate_e += dxe * ye.to(tl.float32)
 
-    here = (n * num_c + c).to(tl.int64) * D + cols
-    slot = num_n.to(tl.int64) * num_c * D
+    here = (n * tl.num_programs(1) + c).to(tl.int64) * D
+    slot = tl.num_programs(0).to(tl.int64) * tl.num_programs(1) * D
     if HAS_RESIDUAL:
-        tl.store(PARTIAL + here, acc_gate, mask=col_ok)
+        tl.store(PARTIAL + here + cd, tl.sum(acc_gate_d, axis=0))
+        if BLOCK_E > 0:
+            tl.store(PARTIAL + here + ce, tl.sum(acc_gate_e, axis=0), mask=ce_ok)
     if HAS_NORM:
-        tl.store(PARTIAL + NORM_SLOT * slot + here, acc_shift, mask=col_ok)
-        tl.store(PARTIAL + (NORM_SLOT + 1) * slot + here, acc_scale, mask=col_ok)
+        tl.store(PARTIAL + NORM_SLOT * slot + here + cd, tl.sum(acc_shift_d, axis=0))
+        tl.store(PARTIAL + (NORM_SLOT + 1) * slot + here + cd, tl.sum(acc_scale_d, axis=0))
+        if BLOCK_E > 0:
+            tl.store(PARTIAL + NORM_SLOT * slot + here + ce, tl.sum(acc_shift_e, axis=0), mask=ce_ok)
+            tl.store(PARTIAL + (NORM_SLOT + 1) * slot + here + ce, tl.sum(acc_scale_e, axis=0), mask=ce_ok)
+
+
+# Launch shapes. Forward: 4 warps, 8 elements (16 bytes of bf16) per thread and tensor, grid for 16
+# resident programs per SM (64 warps). Backward: 16 warps, 4 elements per thread (its register tiles:
+# 3 column sums + 4 streamed tensors), which compiles to <= 64 registers: 2 programs (32 warps, 50%)
+# per SM, and the grid fills those slots once. Fewer, larger programs keep the float32 partial rows
+# (one per program and sum) small: 3 x D x 4 bytes per program is ~6% of the fused backward's bytes
+# at N=64, L=128, D=1152 on 264 programs, where 4-warp programs would write 4x as many.
+_FWD_WARPS, _FWD_PER_THREAD, _FWD_PROGRAMS_PER_SM = 4, 8, 16
+_BWD_WARPS, _BWD_PER_THREAD, _BWD_PROGRAMS_PER_SM = 16, 4, 2
+
+
+def _check_vector(v: torch.Tensor, x: torch.Tensor, name: str) -> None:
+    """Per-sample vectors are (N, D), or (1, D) broadcast over the batch."""
+    n, _, d = x.shape
+    if v.dim() != 2 or v.shape[1] != d or v.shape[0] not in (1, n):
+        raise ValueError(f"{name} must be ({n}, {d}) or (1, {d}) for x of shape {tuple(x.shape)}, "
+                         f"got {tuple(v.shape)}")
 
 
 def _vec(t: torch.Tensor) -> torch.Tensor:
-    """A per-sample (N, D) vector with unit column stride (adaLN chunks are strided views)."""
+    """A per-sample vector with unit column stride (adaLN chunks are strided views, read in place)."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _row_stride(v: torch.Tensor) -> int:
+    """0 for a (1, D) vector broadcast over the batch (every program reads row 0)."""
+    return 0 if v.shape[0] == 1 else v.stride(0)
 
 
 def _launch_fwd(x, gate, y, shift, scale, eps: float, has_residual: bool, has_norm: bool):
@@ -136,48 +234,49 @@ def _launch_fwd(x, gate, y, shift, scale, eps: float, has_residual: bool, has_no
     out = torch.empty_like(x) if has_norm else r
     stats = [torch.empty((n, length), dtype=torch.float32, device=x.device) for _ in range(2)] if has_norm else None
     if x.numel() > 0:
-        block_m, block_d, num_warps = block_sizes(d)
-        gate, y = (gate, y) if has_residual else (x, x)  # x stands in for pointers never read
-        shift, scale, mean, rstd = (shift, scale, *stats) if has_norm else (x, x, x, x)
-        _adaln_fwd_kernel[(n, triton.cdiv(length, block_m))](
-            x, gate, y, shift, scale, r, out, mean, rstd,
-            length, d, gate.stride(0), shift.stride(0), scale.stride(0), eps,
-            HAS_RESIDUAL=has_residual, HAS_NORM=has_norm, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        tiles = row_tiles(d, _FWD_WARPS, _FWD_PER_THREAD)
+        chunks, rows_per_chunk = row_chunks(n, length, tiles.rows, _FWD_PROGRAMS_PER_SM * _FWD_WARPS // tiles.num_warps,
+                                            x.device)
+        mean, rstd = stats if has_norm else (None, None)
+        _adaln_fwd_kernel[(n, chunks)](
+            x, gate, y, shift, scale, r if has_residual else None, out if has_norm else None, mean, rstd,
+            length, d, rows_per_chunk,
+            _row_stride(gate) if has_residual else 0, _row_stride(shift) if has_norm else 0,
+            _row_stride(scale) if has_norm else 0, eps,
+            HAS_RESIDUAL=has_residual, HAS_NORM=has_norm,
+            ROWS=tiles.rows, BLOCK_D=tiles.block_d, BLOCK_E=tiles.block_e, num_warps=tiles.num_warps,
         )
     return (r, out, *stats) if has_norm else r
 
 
-def _launch_bwd(dr, dout, xr, y, gate, scale, mean, rstd, has_residual: bool, has_norm: bool):
-    """Returns ``(dx or None, dy or None, float32 (P, N, D) sums stacked as [dgate?, dshift?, dscale?])``."""
+def _launch_bwd(dr, dout, xr, y, gate, shift_like, scale, mean, rstd, has_residual: bool, has_norm: bool):
+    """Returns ``(dx or None, dy or None, [dgate?, dshift?, dscale?])``; each parameter gradient has its
+    vector's shape ((N, D) or (1, D)) and dtype (``shift_like`` gives dshift's)."""
     n, length, d = xr.shape
     has_dr = dr is not None
     dx = torch.empty_like(xr) if has_norm else None
     dy = torch.empty_like(y) if has_residual else None
-    slots = int(has_residual) + 2 * int(has_norm)
+    vectors = ([gate] if has_residual else []) + ([shift_like, scale] if has_norm else [])
     if xr.numel() == 0:
-        return dx, dy, torch.zeros((slots, n, d), dtype=torch.float32, device=xr.device)
-    block_m, block_d, num_warps = block_sizes(d)
-    chunks, rows_per_chunk = row_chunks(n, length, block_m, xr.device)
-    partial = torch.empty((slots * n, chunks, d), dtype=torch.float32, device=xr.device)
-    unused = xr  # stands in for pointers the flags say are never read
+        return dx, dy, [torch.zeros(v.shape, dtype=v.dtype, device=v.device) for v in vectors]
+    tiles = row_tiles(d, _BWD_WARPS, _BWD_PER_THREAD)
+    chunks, rows_per_chunk = row_chunks(n, length, tiles.rows, _BWD_PROGRAMS_PER_SM * _BWD_WARPS // tiles.num_warps,
+                                        xr.device)
+    partial = torch.empty((len(vectors), n, chunks, d), dtype=torch.float32, device=xr.device)
     _adaln_bwd_kernel[(n, chunks)](
-        dr if has_dr else unused, dout if has_norm else unused, xr,
-        y if has_residual else unused, gate if has_residual else unused,
-        scale if has_norm else unused, mean if has_norm else unused, rstd if has_norm else unused,
-        dx if has_norm else unused, dy if has_residual else unused, partial,
+        dr, dout, xr, y, gate, scale, mean, rstd, dx, dy, partial,
         length, d, rows_per_chunk,
-        gate.stride(0) if has_residual else 0, scale.stride(0) if has_norm else 0,
+        _row_stride(gate) if has_residual else 0, _row_stride(scale) if has_norm else 0,
         HAS_RESIDUAL=has_residual, HAS_NORM=has_norm, HAS_DR=has_dr, NORM_SLOT=int(has_residual),
-        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        ROWS=tiles.rows, BLOCK_D=tiles.block_d, BLOCK_E=tiles.block_e, num_warps=tiles.num_warps,
     )
-    sums = sum_partials(partial).view(slots, n, d)
+    # A (1, D) vector's gradient sums the partials of every sample: one (1, N*C, D) view.
+    sums = [sum_partials(partial[i].view(v.shape[0], -1, d), v.dtype) for i, v in enumerate(vectors)]
     return dx, dy, sums
 
 
 # ------------------------------------------------------------------------------ layernorm_modulate
-# Backward ops return the (N, D) parameter grads stacked in one float32 (P, N, D) tensor (outputs
-# of a custom op may not alias each other); the autograd formulas split them and cast each to
-# its parameter's dtype.
+# Backward ops return each parameter gradient as its own tensor, in its vector's shape and dtype.
 
 
 @torch.library.custom_op("maskdit::layernorm_modulate", mutates_args=())
@@ -196,30 +295,32 @@ def _(x, shift, scale, eps):
 
 @torch.library.custom_op("maskdit::layernorm_modulate_backward", mutates_args=())
 def _layernorm_modulate_bwd_op(
-    dout: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    dx, _, sums = _launch_bwd(None, dout.contiguous(), x.contiguous(), None, None, _vec(scale), mean, rstd, False, True)
-    return dx, sums
+    dr: torch.Tensor | None, dout: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+    mean: torch.Tensor, rstd: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``dr``: a gradient reaching ``x`` by another path (the residual stream), added inside the kernel.
+    ``shift`` only gives dshift's shape and dtype."""
+    dx, _, (dshift, dscale) = _launch_bwd(dr.contiguous() if dr is not None else None, dout.contiguous(),
+                                          x.contiguous(), None, None, shift, _vec(scale), mean, rstd, False, True)
+    return dx, dshift, dscale
 
 
 @_layernorm_modulate_bwd_op.register_fake
-def _(dout, x, scale, mean, rstd):
-    sums = x.new_empty((2, x.shape[0], x.shape[2]), dtype=torch.float32)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), sums
+def _(dr, dout, x, shift, scale, mean, rstd):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), shift.new_empty(shift.shape), scale.new_empty(scale.shape)
 
 
 def _layernorm_modulate_setup(ctx, inputs, output):
     x, shift, scale, _ = inputs
     _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
-    ctx.shift_dtype = shift.dtype
-    ctx.save_for_backward(x, scale, mean, rstd)
+    ctx.save_for_backward(x, shift, scale, mean, rstd)
 
 
 def _layernorm_modulate_backward(ctx, dout, _dmean, _drstd):
-    x, scale, mean, rstd = ctx.saved_tensors
-    dx, (dshift, dscale) = _layernorm_modulate_bwd_op(dout, x, scale, mean, rstd)
-    return dx, dshift.to(ctx.shift_dtype), dscale.to(scale.dtype), None
+    x, shift, scale, mean, rstd = ctx.saved_tensors
+    dx, dshift, dscale = _layernorm_modulate_bwd_op(None, dout, x, shift, scale, mean, rstd)
+    return dx, dshift, dscale, None
 
 
 _layernorm_modulate_op.register_autograd(_layernorm_modulate_backward, setup_context=_layernorm_modulate_setup)
@@ -228,11 +329,49 @@ _layernorm_modulate_op.register_autograd(_layernorm_modulate_backward, setup_con
 def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """LayerNorm without affine, then ``* (1 + scale[n]) + shift[n]``.
 
-    x: (N, L, D); shift, scale: (N, D) -> (N, L, D).
+    x: (N, L, D); shift, scale: (N, D) or (1, D) (broadcast over the batch) -> (N, L, D).
     """
+    for v, name in ((shift, "shift"), (scale, "scale")):
+        _check_vector(v, x, name)
     if use_triton(x):
         return _layernorm_modulate_op(x, shift, scale, eps)[0]
     return reference.layernorm_modulate(x, shift, scale, eps)
+
+
+class _ResidualLayerNormModulate(torch.autograd.Function):
+    """``(x, layernorm_modulate(x))`` where the first output is ``x`` itself for the residual stream:
+    its gradient reaches the norm's backward kernel, which adds it in (no extra N x L x D pass)."""
+
+    @staticmethod
+    def forward(ctx, x, shift, scale, eps):
+        out, mean, rstd = _layernorm_modulate_op(x, shift, scale, eps)
+        ctx.save_for_backward(x, shift, scale, mean, rstd)
+        return x.view_as(x), out
+
+    @staticmethod
+    def backward(ctx, dres, dout):
+        x, shift, scale, mean, rstd = ctx.saved_tensors
+        if dout is None:
+            return dres, None, None, None
+        dx, dshift, dscale = _layernorm_modulate_bwd_op(dres, dout, x, shift, scale, mean, rstd)
+        return dx, dshift, dscale, None
+
+
+def residual_layernorm_modulate(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, layernorm_modulate(x, shift, scale))`` for a block whose input feeds both its norm and its
+    residual stream: use the first output as the residual. Its gradient and the norm's are summed
+    inside the backward kernel instead of by autograd (which would read two and write one
+    N x L x D gradient more).
+
+    x: (N, L, D); shift, scale: (N, D) or (1, D) -> (x, normed), both (N, L, D).
+    """
+    for v, name in ((shift, "shift"), (scale, "scale")):
+        _check_vector(v, x, name)
+    if use_triton(x):
+        return _ResidualLayerNormModulate.apply(x, shift, scale, eps)
+    return x, reference.layernorm_modulate(x, shift, scale, eps)
 
 
 # ---------------------------------------------------------------------------------- gated_residual
@@ -252,13 +391,13 @@ def _(x, gate, y):
 def _gated_residual_bwd_op(dr: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     y = y.contiguous()
     # No norm here, so the "normalised input" slot is never read; y stands in for it.
-    _, dy, sums = _launch_bwd(dr.contiguous(), None, y, y, _vec(gate), None, None, None, True, False)
-    return dy, sums[0]
+    _, dy, (dgate,) = _launch_bwd(dr.contiguous(), None, y, y, _vec(gate), None, None, None, None, True, False)
+    return dy, dgate
 
 
 @_gated_residual_bwd_op.register_fake
 def _(dr, gate, y):
-    return torch.empty_like(y, memory_format=torch.contiguous_format), gate.new_empty(gate.shape, dtype=torch.float32)
+    return torch.empty_like(y, memory_format=torch.contiguous_format), gate.new_empty(gate.shape)
 
 
 def _gated_residual_setup(ctx, inputs, output):
@@ -269,14 +408,15 @@ def _gated_residual_setup(ctx, inputs, output):
 def _gated_residual_backward(ctx, dr):
     gate, y = ctx.saved_tensors
     dy, dgate = _gated_residual_bwd_op(dr, gate, y)
-    return dr, dgate.to(gate.dtype), dy
+    return dr, dgate, dy
 
 
 _gated_residual_op.register_autograd(_gated_residual_backward, setup_context=_gated_residual_setup)
 
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``x + gate[n] * y``.  x, y: (N, L, D); gate: (N, D) -> (N, L, D)."""
+    """``x + gate[n] * y``.  x, y: (N, L, D); gate: (N, D) or (1, D) -> (N, L, D)."""
+    _check_vector(gate, x, "gate")
     if use_triton(x):
         return _gated_residual_op(x, gate, y)
     return reference.gated_residual(x, gate, y)
@@ -302,31 +442,32 @@ def _(x, gate, y, shift, scale, eps):
 @torch.library.custom_op("maskdit::gated_residual_layernorm_modulate_backward", mutates_args=())
 def _fused_bwd_op(
     dr: torch.Tensor, dout: torch.Tensor, r: torch.Tensor, gate: torch.Tensor, y: torch.Tensor,
-    scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch_bwd(dr.contiguous(), dout.contiguous(), r.contiguous(), y.contiguous(), _vec(gate), _vec(scale),
-                       mean, rstd, True, True)
+    shift: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``shift`` only gives dshift's shape and dtype."""
+    dx, dy, (dgate, dshift, dscale) = _launch_bwd(dr.contiguous(), dout.contiguous(), r.contiguous(), y.contiguous(),
+                                                  _vec(gate), shift, _vec(scale), mean, rstd, True, True)
+    return dx, dy, dgate, dshift, dscale
 
 
 @_fused_bwd_op.register_fake
-def _(dr, dout, r, gate, y, scale, mean, rstd):
-    sums = r.new_empty((3, r.shape[0], r.shape[2]), dtype=torch.float32)
+def _(dr, dout, r, gate, y, shift, scale, mean, rstd):
     dx = torch.empty_like(r, memory_format=torch.contiguous_format)
-    return dx, torch.empty_like(y, memory_format=torch.contiguous_format), sums
+    return (dx, torch.empty_like(y, memory_format=torch.contiguous_format), gate.new_empty(gate.shape),
+            shift.new_empty(shift.shape), scale.new_empty(scale.shape))
 
 
 def _fused_setup(ctx, inputs, output):
     _, gate, y, shift, scale, _ = inputs
     r, _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
-    ctx.shift_dtype = shift.dtype
-    ctx.save_for_backward(r, gate, y, scale, mean, rstd)
+    ctx.save_for_backward(r, gate, y, shift, scale, mean, rstd)
 
 
 def _fused_backward(ctx, dr, dout, _dmean, _drstd):
-    r, gate, y, scale, mean, rstd = ctx.saved_tensors
-    dx, dy, (dgate, dshift, dscale) = _fused_bwd_op(dr, dout, r, gate, y, scale, mean, rstd)
-    return dx, dgate.to(gate.dtype), dy, dshift.to(ctx.shift_dtype), dscale.to(scale.dtype), None
+    r, gate, y, shift, scale, mean, rstd = ctx.saved_tensors
+    dx, dy, dgate, dshift, dscale = _fused_bwd_op(dr, dout, r, gate, y, shift, scale, mean, rstd)
+    return dx, dgate, dy, dshift, dscale, None
 
 
 _fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
@@ -342,10 +483,12 @@ def gated_residual_layernorm_modulate(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``r = x + gate[n] * y`` and ``layernorm_modulate(r, shift, scale)`` in one pass.
 
-    x, y: (N, L, D); gate, shift, scale: (N, D) -> (r, normed), both (N, L, D).
+    x, y: (N, L, D); gate, shift, scale: (N, D) or (1, D) -> (r, normed), both (N, L, D).
     The kernel reads x and y once and writes r and normed once (plus 8 bytes of float32
     mean/rstd per row, saved for the backward).
     """
+    for v, name in ((gate, "gate"), (shift, "shift"), (scale, "scale")):
+        _check_vector(v, x, name)
     if use_triton(x):
         r, out, _, _ = _fused_op(x, gate, y, shift, scale, eps)
         return r, out

@@ -13,82 +13,153 @@ is a plain ``sum`` over the batch, which PyTorch does deterministically.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from . import reference
 from ._backend import use_triton
-from ._common import block_sizes, row_chunks, sum_partials
+from ._common import row_chunks, row_tiles, sum_partials
 
 
 @triton.jit
 def _gather_kernel(
-    X, IDS, POS, OUT,  # (N, L, D), (N, K) int64, (L, D), (N, K, D)
-    L, K, D,
-    HAS_POS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    X, IDS, POS, OUT,  # (N, L, D) with unit column stride, (N, K) int64, (L, D), (N, K, D)
+    K, D, rows_per_chunk, stride_xn, stride_xl,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
+    # Program (n, c) copies kept rows [c * rows_per_chunk, ...) of sample n, ROWS at a time, in two
+    # column tiles (see kernels._common). x may have any row strides (no copy of a strided input).
     n = tl.program_id(0)
-    ks = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_D)
-    k_ok = ks < K
-    mask = k_ok[:, None] & (cols < D)[None, :]
-    ids = tl.load(IDS + n.to(tl.int64) * K + ks, mask=k_ok, other=0)
-    val = tl.load(X + (n.to(tl.int64) * L + ids)[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_POS:
-        val += tl.load(POS + ids[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + (n.to(tl.int64) * K + ks)[:, None] * D + cols[None, :], val.to(OUT.dtype.element_ty), mask=mask)
+    start = tl.program_id(1) * rows_per_chunk
+    end = tl.minimum(start + rows_per_chunk, K)
+    cd = tl.arange(0, BLOCK_D)
+    ce = BLOCK_D + tl.arange(0, BLOCK_E if BLOCK_E > 0 else 1)
+    ce_ok = ce < D
+    for k0 in range(start, end, ROWS):
+        ks = k0 + tl.arange(0, ROWS)
+        k_ok = ks < end
+        ids = tl.load(IDS + n.to(tl.int64) * K + ks, mask=k_ok, other=0)
+        src = n.to(tl.int64) * stride_xn + ids * stride_xl
+        dst = (n.to(tl.int64) * K + ks) * D
+        md = k_ok[:, None]
+        me = k_ok[:, None] & ce_ok[None, :]
+        vd = tl.load(X + src[:, None] + cd[None, :], mask=md, other=0.0).to(tl.float32)
+        if BLOCK_E > 0:
+            ve = tl.load(X + src[:, None] + ce[None, :], mask=me, other=0.0).to(tl.float32)
+        if POS is not None:
+            vd += tl.load(POS + ids[:, None] * D + cd[None, :], mask=md, other=0.0).to(tl.float32)
+            if BLOCK_E > 0:
+                ve += tl.load(POS + ids[:, None] * D + ce[None, :], mask=me, other=0.0).to(tl.float32)
+        tl.store(OUT + dst[:, None] + cd[None, :], vd.to(OUT.dtype.element_ty), mask=md)
+        if BLOCK_E > 0:
+            tl.store(OUT + dst[:, None] + ce[None, :], ve.to(OUT.dtype.element_ty), mask=me)
 
 
 @triton.jit
 def _scatter_kernel(
     X, INV, FILL, POS, OUT,  # (N, K, D), (N, L) int32, (D,), (L, D), (N, L, D)
-    L, K, D,
-    HAS_FILL: tl.constexpr, HAS_POS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    L, K, D, rows_per_chunk,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     # Every output row is written once: x_keep[n, inv] where kept, else fill (or 0).
     n = tl.program_id(0)
-    ls = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_D)
-    l_ok = ls < L
-    col_ok = cols < D
-    mask = l_ok[:, None] & col_ok[None, :]
-    inv = tl.load(INV + n.to(tl.int64) * L + ls, mask=l_ok, other=-1)
-    kept = inv >= 0
-    src = (n.to(tl.int64) * K + inv)[:, None] * D + cols[None, :]
-    val = tl.load(X + src, mask=mask & kept[:, None], other=0.0).to(tl.float32)
-    if HAS_FILL:
-        fill = tl.load(FILL + cols, mask=col_ok, other=0.0).to(tl.float32)
-        val = tl.where(kept[:, None], val, fill[None, :])
-    if HAS_POS:
-        val += tl.load(POS + ls[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + (n.to(tl.int64) * L + ls)[:, None] * D + cols[None, :], val.to(OUT.dtype.element_ty), mask=mask)
+    start = tl.program_id(1) * rows_per_chunk
+    end = tl.minimum(start + rows_per_chunk, L)
+    cd = tl.arange(0, BLOCK_D)
+    ce = BLOCK_D + tl.arange(0, BLOCK_E if BLOCK_E > 0 else 1)
+    ce_ok = ce < D
+    if FILL is not None:
+        fill_d = tl.load(FILL + cd).to(tl.float32)[None, :]
+        fill_e = tl.load(FILL + ce, mask=ce_ok, other=0.0).to(tl.float32)[None, :]
+    for l0 in range(start, end, ROWS):
+        ls = l0 + tl.arange(0, ROWS)
+        l_ok = ls < end
+        inv = tl.load(INV + n.to(tl.int64) * L + ls, mask=l_ok, other=-1)
+        kept = (inv >= 0)[:, None]
+        src = (n.to(tl.int64) * K + inv) * D
+        dst = (n.to(tl.int64) * L + ls) * D
+        md = l_ok[:, None]
+        me = l_ok[:, None] & ce_ok[None, :]
+        vd = tl.load(X + src[:, None] + cd[None, :], mask=md & kept, other=0.0).to(tl.float32)
+        if BLOCK_E > 0:
+            ve = tl.load(X + src[:, None] + ce[None, :], mask=me & kept, other=0.0).to(tl.float32)
+        if FILL is not None:
+            vd = tl.where(kept, vd, fill_d)
+            if BLOCK_E > 0:
+                ve = tl.where(kept, ve, fill_e)
+        if POS is not None:
+            vd += tl.load(POS + ls[:, None] * D + cd[None, :], mask=md, other=0.0).to(tl.float32)
+            if BLOCK_E > 0:
+                ve += tl.load(POS + ls[:, None] * D + ce[None, :], mask=me, other=0.0).to(tl.float32)
+        tl.store(OUT + dst[:, None] + cd[None, :], vd.to(OUT.dtype.element_ty), mask=md)
+        if BLOCK_E > 0:
+            tl.store(OUT + dst[:, None] + ce[None, :], ve.to(OUT.dtype.element_ty), mask=me)
 
 
 @triton.jit
 def _scatter_bwd_kernel(
     DOUT, INV, DX, PARTIAL,  # (N, L, D), (N, L) int32, (N, K, D), float32 (N, C, D)
     L, K, D, rows_per_chunk,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
+    # Kept rows' gradient goes to dx; the masked rows' is summed for dfill in (ROWS, BLOCK) register
+    # tiles across the program's rows, then into one partial row per program.
     n = tl.program_id(0)
     c = tl.program_id(1)
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < D
     start = c * rows_per_chunk
     end = tl.minimum(start + rows_per_chunk, L)
-    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for l0 in range(start, end, BLOCK_M):
-        ls = l0 + tl.arange(0, BLOCK_M)
+    cd = tl.arange(0, BLOCK_D)
+    ce = BLOCK_D + tl.arange(0, BLOCK_E if BLOCK_E > 0 else 1)
+    ce_ok = ce < D
+    acc_d = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+    acc_e = tl.zeros((ROWS, BLOCK_E if BLOCK_E > 0 else 1), dtype=tl.float32)
+    for l0 in range(start, end, ROWS):
+        ls = l0 + tl.arange(0, ROWS)
         l_ok = ls < end
-        mask = l_ok[:, None] & col_ok[None, :]
         inv = tl.load(INV + n.to(tl.int64) * L + ls, mask=l_ok, other=-1)
-        kept = inv >= 0
-        dout = tl.load(DOUT + (n.to(tl.int64) * L + ls)[:, None] * D + cols[None, :], mask=mask, other=0.0)
-        dst = (n.to(tl.int64) * K + inv)[:, None] * D + cols[None, :]
-        tl.store(DX + dst, dout.to(DX.dtype.element_ty), mask=mask & kept[:, None])
-        acc += tl.sum(tl.where(kept[:, None], 0.0, dout.to(tl.float32)), axis=0)
-    tl.store(PARTIAL + (n * tl.num_programs(1) + c).to(tl.int64) * D + cols, acc, mask=col_ok)
+        kept = (inv >= 0)[:, None]
+        src = (n.to(tl.int64) * L + ls) * D
+        dst = (n.to(tl.int64) * K + inv) * D
+        md = l_ok[:, None]
+        me = l_ok[:, None] & ce_ok[None, :]
+        dd = tl.load(DOUT + src[:, None] + cd[None, :], mask=md, other=0.0)
+        tl.store(DX + dst[:, None] + cd[None, :], dd.to(DX.dtype.element_ty), mask=md & kept)
+        acc_d += tl.where(kept, 0.0, dd.to(tl.float32))
+        if BLOCK_E > 0:
+            de = tl.load(DOUT + src[:, None] + ce[None, :], mask=me, other=0.0)
+            tl.store(DX + dst[:, None] + ce[None, :], de.to(DX.dtype.element_ty), mask=me & kept)
+            acc_e += tl.where(kept, 0.0, de.to(tl.float32))
+    here = (n * tl.num_programs(1) + c).to(tl.int64) * D
+    tl.store(PARTIAL + here + cd, tl.sum(acc_d, axis=0))
+    if BLOCK_E > 0:
+        tl.store(PARTIAL + here + ce, tl.sum(acc_e, axis=0), mask=ce_ok)
+
+
+# Launch shapes: the copies use 4-warp programs with 16-byte accesses and a grid for 16 resident
+# programs per SM; the scatter backward writes one float32 partial row per program, so it uses
+# fewer, 16-warp programs (2 per SM = 32 warps) to keep the partials < 5% of its bytes.
+_COPY_WARPS, _COPY_PER_THREAD, _COPY_PROGRAMS_PER_SM = 4, 8, 16
+_REDUCE_WARPS, _REDUCE_PER_THREAD, _REDUCE_PROGRAMS_PER_SM = 16, 8, 2
+
+
+def _debug() -> bool:
+    return os.environ.get("MASKDIT_KERNELS_DEBUG", "") not in ("", "0")
+
+
+def _check_ids(ids_keep: torch.Tensor, length: int) -> None:
+    """With ``MASKDIT_KERNELS_DEBUG=1``: ids_keep rows unique and in ``[0, length)`` (costs a sort and a sync)."""
+    if not _debug() or ids_keep.numel() == 0:
+        return
+    lo, hi = int(ids_keep.min()), int(ids_keep.max())
+    if lo < 0 or hi >= length:
+        raise ValueError(f"ids_keep holds {lo if lo < 0 else hi}, outside [0, {length})")
+    ordered = ids_keep.sort(dim=1).values
+    if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+        raise ValueError("ids_keep has a repeated index within a row; kept positions must be unique "
+                         "(an argsort of noise gives them)")
 
 
 def _inverse(ids_keep: torch.Tensor, length: int) -> torch.Tensor:
@@ -105,12 +176,13 @@ def _scatter(x_keep: torch.Tensor, inv: torch.Tensor, fill: torch.Tensor | None,
     length = inv.shape[1]
     out = torch.empty((n, length, d), dtype=dtype, device=x_keep.device)
     if out.numel() > 0:
-        block_m, block_d, num_warps = block_sizes(d)
-        _scatter_kernel[(n, triton.cdiv(length, block_m))](
+        tiles = row_tiles(d, _COPY_WARPS, _COPY_PER_THREAD)
+        chunks, rows_per_chunk = row_chunks(n, length, tiles.rows, _COPY_PROGRAMS_PER_SM * _COPY_WARPS // tiles.num_warps,
+                                            out.device)
+        _scatter_kernel[(n, chunks)](
             x_keep if k > 0 else out,  # an empty tensor may carry no valid pointer; never read then
-            inv, fill if fill is not None else out, pos if pos is not None else out, out,
-            length, k, d,
-            HAS_FILL=fill is not None, HAS_POS=pos is not None, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+            inv, fill, pos, out, length, k, d, rows_per_chunk,
+            ROWS=tiles.rows, BLOCK_D=tiles.block_d, BLOCK_E=tiles.block_e, num_warps=tiles.num_warps,
         )
     return out
 
@@ -120,15 +192,20 @@ def _scatter(x_keep: torch.Tensor, inv: torch.Tensor, fill: torch.Tensor | None,
 
 @torch.library.custom_op("maskdit::gather_tokens", mutates_args=())
 def _gather_op(x: torch.Tensor, ids_keep: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
-    x, ids_keep = x.contiguous(), ids_keep.contiguous()
+    # Any row strides are read in place; only a non-unit column stride needs a copy.
+    x = x if x.stride(2) == 1 else x.contiguous()
+    ids_keep = ids_keep.contiguous()
     n, length, d = x.shape
     k = ids_keep.shape[1]
     out = torch.empty((n, k, d), dtype=x.dtype, device=x.device)
     if out.numel() > 0:
-        block_m, block_d, num_warps = block_sizes(d)
-        _gather_kernel[(n, triton.cdiv(k, block_m))](
-            x, ids_keep, pos.contiguous() if pos is not None else x, out, length, k, d,
-            HAS_POS=pos is not None, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        tiles = row_tiles(d, _COPY_WARPS, _COPY_PER_THREAD)
+        chunks, rows_per_chunk = row_chunks(n, k, tiles.rows, _COPY_PROGRAMS_PER_SM * _COPY_WARPS // tiles.num_warps,
+                                            x.device)
+        _gather_kernel[(n, chunks)](
+            x, ids_keep, pos.contiguous() if pos is not None else None, out, k, d, rows_per_chunk,
+            x.stride(0), x.stride(1),
+            ROWS=tiles.rows, BLOCK_D=tiles.block_d, BLOCK_E=tiles.block_e, num_warps=tiles.num_warps,
         )
     return out
 
@@ -171,8 +248,12 @@ _gather_op.register_autograd(_gather_backward, setup_context=_gather_setup)
 def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
     """``out[n, k] = x[n, ids_keep[n, k]] (+ pos[ids_keep[n, k]])``.
 
-    x: (N, L, D); ids_keep: (N, K) int64, unique per row; pos: (L, D) or None -> (N, K, D).
+    x: (N, L, D); ids_keep: (N, K) int64, unique per row, in [0, L); pos: (L, D) or None -> (N, K, D).
+    Repeated or out-of-range ids are not checked (a sort and a host sync per call) unless
+    ``MASKDIT_KERNELS_DEBUG=1``: a repeat leaves gradient rows unwritten, an out-of-range id reads
+    out of bounds.
     """
+    _check_ids(ids_keep, x.shape[1])
     if use_triton(x):
         return _gather_op(x, ids_keep, pos)
     return reference.gather_tokens(x, ids_keep, pos)
@@ -204,15 +285,16 @@ def _scatter_bwd_op(dout: torch.Tensor, ids_keep: torch.Tensor) -> tuple[torch.T
     dx = torch.empty((n, k, d), dtype=dout.dtype, device=dout.device)
     if dout.numel() == 0:
         return dx, torch.zeros((d,), dtype=torch.float32, device=dout.device)
-    block_m, block_d, num_warps = block_sizes(d)
-    chunks, rows_per_chunk = row_chunks(n, length, block_m, dout.device)
+    tiles = row_tiles(d, _REDUCE_WARPS, _REDUCE_PER_THREAD)
+    chunks, rows_per_chunk = row_chunks(n, length, tiles.rows,
+                                        _REDUCE_PROGRAMS_PER_SM * _REDUCE_WARPS // tiles.num_warps, dout.device)
     partial = torch.empty((n, chunks, d), dtype=torch.float32, device=dout.device)
     _scatter_bwd_kernel[(n, chunks)](
         dout, _inverse(ids_keep, length), dx if k > 0 else partial, partial, length, k, d, rows_per_chunk,
-        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        ROWS=tiles.rows, BLOCK_D=tiles.block_d, BLOCK_E=tiles.block_e, num_warps=tiles.num_warps,
     )
-    # Two fixed-order passes: chunks within each sample, then samples.
-    return dx, sum_partials(sum_partials(partial).unsqueeze(0))[0]
+    # One fixed-order pass over every (sample, chunk) partial.
+    return dx, sum_partials(partial.view(1, n * chunks, d))[0]
 
 
 @_scatter_bwd_op.register_fake
@@ -252,9 +334,11 @@ def scatter_tokens(
 ) -> torch.Tensor:
     """Kept tokens back in place, ``fill`` elsewhere, plus ``pos``.
 
-    x_keep: (N, K, D); ids_keep: (N, K) int64, unique per row; fill: (D,); pos: (L, D) or None
+    x_keep: (N, K, D); ids_keep: (N, K) int64, unique per row, in [0, length) (checked only with
+    ``MASKDIT_KERNELS_DEBUG=1``, see :func:`gather_tokens`); fill: (D,); pos: (L, D) or None
     -> (N, length, D).
     """
+    _check_ids(ids_keep, length)
     if use_triton(x_keep):
         return _scatter_op(x_keep, ids_keep, length, fill, pos)
     return reference.scatter_tokens(x_keep, ids_keep, length, fill, pos)

@@ -85,14 +85,19 @@ class LabelEmbedder(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """(N, C, H, W) -> (N, L, D) with a strided convolution, L = (H/p)*(W/p)."""
+    """(N, C, H, W) -> (N, L, D) with a strided convolution, L = (H/p)*(W/p).
+
+    The convolution runs channels-last, so the tokens come out contiguous (N, L, D), the layout the
+    token kernels and the blocks read, with no copy (NCHW output would be a transposed view).
+    """
 
     def __init__(self, in_channels: int, hidden_size: int, patch_size: int):
         super().__init__()
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        out = self.proj(x.contiguous(memory_format=torch.channels_last))
+        return out.flatten(2).transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -174,8 +179,8 @@ class DiTBlock(nn.Module):
     def attention_step(x: torch.Tensor, mod: tuple[torch.Tensor, ...], attention) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (N, L, D) -> (x + gate_msa * attention(LN+mod(x)), LN+mod of that for the MLP), both (N, L, D)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, _ = mod
-        h = attention(kernels.layernorm_modulate(x, shift_msa, scale_msa))
-        return kernels.gated_residual_layernorm_modulate(x, gate_msa, h, shift_mlp, scale_mlp)
+        x, h = kernels.residual_layernorm_modulate(x, shift_msa, scale_msa)  # x's two gradients summed in-kernel
+        return kernels.gated_residual_layernorm_modulate(x, gate_msa, attention(h), shift_mlp, scale_mlp)
 
     @staticmethod
     def mlp_step(x: torch.Tensor, h: torch.Tensor, mod: tuple[torch.Tensor, ...], mlp) -> torch.Tensor:

@@ -10,11 +10,12 @@ import torch
 
 import kernels
 from kernels import adaln, reference
-from kernels._common import block_sizes, row_chunks
+from kernels._common import row_chunks, row_tiles, simulated_gpu
 
 pytestmark = pytest.mark.usefixtures("poison")
 
-SHAPES = [(1, 1, 8), (3, 13, 72), (2, 7, 384), (2, 5, 1152), (1, 3, 33)]  # (N, L, D)
+# (N, L, D): widths with one column tile (8, 512) and two (72 = 64 + 8, 1152 = 1024 + 128, 33, 100 = 64 + 64)
+SHAPES = [(1, 1, 8), (3, 13, 72), (2, 7, 384), (2, 3, 512), (2, 5, 1152), (1, 3, 33), (2, 4, 100)]
 LOW_PRECISION = [(dtype, shape) for dtype in (torch.bfloat16, torch.float16) for shape in [(3, 13, 72), (2, 5, 1152)]]
 CASES = [(torch.float32, shape) for shape in SHAPES] + LOW_PRECISION
 IDS = [f"{str(dtype)[6:]}-{'x'.join(map(str, shape))}" for dtype, shape in CASES]
@@ -94,20 +95,26 @@ def test_fused_equals_unfused_pair(device):
     assert torch.equal(out, kernels.layernorm_modulate(r2, shift, scale))
 
 
-def test_gradients_are_deterministic(device):
-    """Two identical backward passes give bitwise-identical gradients (no atomics)."""
-    shape = (2, 70, 72)
-    block_m = block_sizes(shape[2])[0]
-    assert row_chunks(shape[0], shape[1], block_m, torch.device(device))[0] > 1  # the split path runs
-    ours, _ = _inputs(shape, torch.float32, device, ("x", "gate", "y", "shift", "scale"))
+@pytest.mark.parametrize("d", [72, 1152])
+def test_gradients_are_deterministic(d, assert_close, device):
+    """Two identical backward passes give bitwise-identical gradients (no atomics), rows split over programs."""
+    shape = (2, 70, d)
+    tiles = row_tiles(d, adaln._BWD_WARPS, adaln._BWD_PER_THREAD)
+    with simulated_gpu(4):
+        assert row_chunks(shape[0], shape[1], tiles.rows, adaln._BWD_PROGRAMS_PER_SM, torch.device(device))[0] > 1
+    ours, truth = _inputs(shape, torch.float32, device, ("x", "gate", "y", "shift", "scale"))
     upstream = [torch.randn(shape, device=device) for _ in range(2)]
     runs = []
-    for _ in range(2):
-        for t in ours:
-            t.grad = None
-        torch.autograd.backward(list(kernels.gated_residual_layernorm_modulate(*ours)), upstream)
-        runs.append([t.grad.clone() for t in ours])
+    with simulated_gpu(4):
+        for _ in range(2):
+            for t in ours:
+                t.grad = None
+            torch.autograd.backward(list(kernels.gated_residual_layernorm_modulate(*ours)), upstream)
+            runs.append([t.grad.clone() for t in ours])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+    torch.autograd.backward(list(reference.gated_residual_layernorm_modulate(*truth)), [u.double() for u in upstream])
+    for a, b in zip(runs[0], truth):
+        assert_close(a.cpu(), b.grad, torch.float32)
 
 
 class _LaunchCounter:
@@ -153,10 +160,13 @@ def test_opcheck_backward_ops(device):
     x, gate, y, scale = (t.detach() for t in (x, gate, y, scale))
     r, _, mean, rstd = torch.ops.maskdit.gated_residual_layernorm_modulate(x, gate, y, shift.detach(), scale, 1e-6)
     dout = torch.randn_like(x)
-    torch.library.opcheck(torch.ops.maskdit.layernorm_modulate_backward.default, (dout, r, scale, mean, rstd))
+    shift = shift.detach()
+    for dr in (None, dout.clone()):
+        torch.library.opcheck(torch.ops.maskdit.layernorm_modulate_backward.default,
+                              (dr, dout, r, shift, scale, mean, rstd))
     torch.library.opcheck(torch.ops.maskdit.gated_residual_backward.default, (dout, gate, y))
     torch.library.opcheck(torch.ops.maskdit.gated_residual_layernorm_modulate_backward.default,
-                          (dout, dout.clone(), r, gate, y, scale, mean, rstd))
+                          (dout, dout.clone(), r, gate, y, shift, scale, mean, rstd))
 
 
 def test_torch_compile_sees_one_op(assert_close, device):
@@ -209,3 +219,70 @@ def test_mixed_dtypes_follow_each_input(assert_close, device):
         assert_close(g, r, dtypes[name], f"grad {name}")
     for o, r in zip(outs, ref_outs):
         assert_close(o, r, torch.float32)
+
+
+@pytest.mark.parametrize("d", [72, 512, 1152, 33])
+def test_residual_layernorm_modulate_sums_both_gradients_in_the_kernel(d, assert_close, device):
+    """The block input's gradient from the residual stream and from the norm: added inside the backward
+    kernel (HAS_DR), so autograd runs no N x L x D add."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class FullSizeAdds(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.adds = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func._schema.name.startswith("aten::add") and isinstance(out, torch.Tensor) and out.dim() == 3:
+                self.adds += 1
+            return out
+
+    shape = (2, 5, d)
+    ours, truth = _inputs(shape, torch.float32, device, ("x", "gate", "y", "shift", "scale"))
+
+    def block(fn_norm, fused, x, gate, y, shift, scale):
+        x_res, h = fn_norm(x, shift, scale)
+        return fused(x_res, gate, h * y, shift, scale)
+
+    up = _grads_like([ours[0], ours[0]])
+    outs = block(kernels.residual_layernorm_modulate, kernels.gated_residual_layernorm_modulate, *ours)
+    with FullSizeAdds() as mode:
+        torch.autograd.backward(list(outs), [g.to(device) for g in up])
+    assert mode.adds == 0
+
+    def ref_norm(x, shift, scale):
+        return x, reference.layernorm_modulate(x, shift, scale)
+
+    refs = block(ref_norm, reference.gated_residual_layernorm_modulate, *truth)
+    torch.autograd.backward(list(refs), [g.double() for g in up])
+    for name, a, b in zip(("x", "gate", "y", "shift", "scale"), ours, truth):
+        assert_close(a.grad.cpu(), b.grad, torch.float32, f"grad {name}")
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_broadcast_vectors(op, assert_close, device):
+    """(1, D) gate/shift/scale broadcast over the batch (read with a zero row stride); their gradients sum."""
+    fn, ref, names = OPS[op]
+    n, length, d = 3, 4, 72
+    ours, truth = _inputs((n, length, d), torch.float32, device, names)
+    for i, name in enumerate(names):
+        if name in ("gate", "shift", "scale"):
+            t = (torch.randn(1, d, dtype=torch.float64) + 0.1)
+            ours[i] = t.float().to(device).requires_grad_()
+            truth[i] = t.clone().requires_grad_()
+    upstream = _grads_like([ours[0]] * (2 if op == "gated_residual_layernorm_modulate" else 1))
+    outs, grads = _run(fn, ours, upstream)
+    ref_outs, ref_grads = _run(ref, truth, [g.double() for g in upstream])
+    for o, r in zip(outs + grads, ref_outs + ref_grads):
+        assert o.shape == r.shape
+        assert_close(o, r, torch.float32)
+
+
+@pytest.mark.parametrize("bad", [(2, 72), (3, 71), (72,), (3, 1, 72)])
+def test_other_vector_shapes_are_refused(bad, device):
+    x = torch.randn(3, 4, 72, device=device)
+    with pytest.raises(ValueError, match=r"must be \(3, 72\) or \(1, 72\)"):
+        kernels.layernorm_modulate(x, torch.randn(bad, device=device), torch.randn(3, 72, device=device))
+    with kernels.backend("reference"), pytest.raises(ValueError, match="must be"):
+        kernels.gated_residual(x, torch.randn(bad, device=device), x)

@@ -10,12 +10,12 @@ import torch
 
 import kernels
 from kernels import reference, tokens
-from kernels._common import block_sizes, row_chunks
+from kernels._common import row_chunks, row_tiles, simulated_gpu
 
 pytestmark = pytest.mark.usefixtures("poison")
 
 # (N, L, K, D)
-SHAPES = [(3, 13, 5, 72), (1, 9, 9, 33), (2, 7, 1, 384), (2, 6, 3, 1152), (2, 5, 0, 8), (1, 1, 1, 8)]
+SHAPES = [(3, 13, 5, 72), (1, 9, 9, 33), (2, 7, 1, 384), (2, 5, 3, 512), (2, 6, 3, 1152), (2, 5, 0, 8), (1, 1, 1, 8)]
 CASES = [(torch.float32, s) for s in SHAPES] + [
     (dtype, s) for dtype in (torch.bfloat16, torch.float16) for s in [(3, 13, 5, 72), (2, 6, 3, 1152)]
 ]
@@ -87,19 +87,25 @@ def test_gather_then_scatter_round_trip(device):
     assert torch.equal(out[~kept], fill.expand(n * length - n * k, d))
 
 
-def test_fill_gradient_is_deterministic(device):
-    n, length, k, d = 3, 80, 20, 72
-    assert row_chunks(n, length, block_sizes(d)[0], torch.device(device))[0] > 1  # the split path runs
+@pytest.mark.parametrize("d", [72, 1152])
+def test_fill_gradient_is_deterministic(d, assert_close, device):
+    n, length, k = 3, 80, 20
+    tiles = row_tiles(d, tokens._REDUCE_WARPS, tokens._REDUCE_PER_THREAD)
+    with simulated_gpu(8):
+        assert row_chunks(n, length, tiles.rows, tokens._REDUCE_PROGRAMS_PER_SM, torch.device(device))[0] > 1
     ids = _ids(n, length, k).to(device)
     x = torch.randn(n, k, d, device=device, requires_grad=True)
     fill = torch.randn(d, device=device, requires_grad=True)
     upstream = torch.randn(n, length, d, device=device)
     grads = []
-    for _ in range(2):
-        fill.grad = None
-        kernels.scatter_tokens(x, ids, length, fill).backward(upstream)
-        grads.append(fill.grad.clone())
+    with simulated_gpu(8):
+        for _ in range(2):
+            fill.grad = None
+            kernels.scatter_tokens(x, ids, length, fill).backward(upstream)
+            grads.append(fill.grad.clone())
     assert torch.equal(*grads)
+    kept = torch.zeros(n, length, dtype=torch.bool).scatter_(1, ids.cpu(), True)
+    assert_close(grads[0].cpu(), upstream.cpu()[~kept].double().sum(0), torch.float32)
 
 
 @pytest.mark.parametrize("with_pos", [False, True])
@@ -175,3 +181,29 @@ def test_maskdit_shapes_on_gpu(shape, dtype, assert_close):
     ref.backward(upstream.double())
     for a, b in ((out, ref), (x.grad, x64.grad), (fill.grad, fill64.grad)):
         assert_close(a.detach().cpu(), b.detach(), dtype)
+
+
+def test_gather_reads_strided_rows_in_place(monkeypatch, assert_close, device):
+    """A (N, L, D) input with other row strides (a slice, a transposed batch) is read without a copy."""
+    base = torch.randn(8, 3, 72, device=device)
+    x = base.transpose(0, 1)  # (3, 8, 72), strides (72, 216, 1)
+    ids = _ids(3, 8, 5).to(device)
+    copies = []
+    monkeypatch.setattr(torch.Tensor, "contiguous", lambda self, *a, **k: copies.append(self) or self)
+    out = kernels.gather_tokens(x, ids)
+    monkeypatch.undo()
+    assert not [t for t in copies if t.dim() == 3]
+    assert_close(out.cpu(), reference.gather_tokens(x.cpu().double(), ids.cpu()), torch.float32)
+
+
+def test_debug_flag_checks_ids(monkeypatch, device):
+    x = torch.randn(2, 6, 8, device=device)
+    repeated = torch.tensor([[0, 1, 1], [2, 3, 4]], device=device)
+    out_of_range = torch.tensor([[0, 1, 6], [2, 3, 4]], device=device)
+    kernels.gather_tokens(x, repeated)  # unchecked without the flag (documented)
+    monkeypatch.setenv("MASKDIT_KERNELS_DEBUG", "1")
+    with pytest.raises(ValueError, match="repeated"):
+        kernels.gather_tokens(x, repeated)
+    with pytest.raises(ValueError, match="outside"):
+        kernels.scatter_tokens(x[:, :3], out_of_range, 6, torch.zeros(8, device=device))
+    kernels.gather_tokens(x, _ids(2, 6, 3).to(device))
