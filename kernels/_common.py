@@ -6,9 +6,9 @@ of two <= D) and ``BLOCK_E`` (the next power of two >= the rest, 0 when D is one
 share a step so that every thread holds ``per_thread`` elements of each streamed tensor.
 
 Grids. Every kernel is persistent over rows: program ``(n, c)`` walks rows
-``[c * rows_per_chunk, (c + 1) * rows_per_chunk)`` of sample n. :func:`row_chunks` sizes the grid
-to fill the GPU's resident-block slots once (``programs_per_sm`` x SMs, the occupancy each
-launcher states for its kernel, which the static report checks against the compiled binary).
+``[c * rows_per_chunk, (c + 1) * rows_per_chunk)`` of sample n. :func:`launch_over_rows` sizes the
+grid to fill the GPU's resident-block slots once: resident blocks per SM read from the compiled
+kernel (registers, shared memory, warps), times the SMs, so no wave has a tail.
 
 Reductions over the sequence (dshift, dscale, dgate, dfill) never use atomics: each program
 keeps its column sums in registers across its rows and writes one float32 partial row;
@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
 
 _MAX_ROWS = 64
 
@@ -53,45 +54,123 @@ def row_tiles(d: int, num_warps: int, per_thread: int) -> Tiles:
     return Tiles(rows, block_d, block_e, warps)
 
 
-_simulated_sms: int | None = None
+class GpuLimits(NamedTuple):
+    """What bounds the resident blocks of a kernel on one SM (sm_80 and sm_90 share all but memory)."""
+    sms: int
+    registers: int = 65536
+    max_warps: int = 64
+    max_blocks: int = 32
+    smem: int = 228 * 1024
+    smem_reserved: int = 1024  # per block, taken by the runtime
+
+
+_simulated: GpuLimits | None = None
+_INTERPRETER_BLOCKS = 2  # the interpreter runs programs one by one: any small count tests the split
 
 
 @functools.cache
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _cuda_limits(index: int) -> GpuLimits:
+    p = torch.cuda.get_device_properties(index)
+    return GpuLimits(p.multi_processor_count, getattr(p, "regs_per_multiprocessor", 65536),
+                     getattr(p, "max_threads_per_multi_processor", 2048) // 32, 32,
+                     getattr(p, "shared_memory_per_multiprocessor", 228 * 1024))
 
 
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors the grids are sized for: the CUDA device's, 1 elsewhere (the
-    interpreter), or the count :func:`simulated_gpu` sets (the static report on a CPU)."""
-    if _simulated_sms is not None:
-        return _simulated_sms
-    return _cuda_sm_count(device.index or 0) if device.type == "cuda" else 1
+def gpu_limits(device: torch.device) -> GpuLimits:
+    """The GPU the grids are sized for: the CUDA device, the one :func:`simulated_gpu` sets (the
+    static report on a CPU), or one SM elsewhere (the interpreter)."""
+    if _simulated is not None:
+        return _simulated
+    return _cuda_limits(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else GpuLimits(1)
 
 
 @contextlib.contextmanager
-def simulated_gpu(sms: int) -> Iterator[None]:
-    """Size every grid launched inside for a GPU with ``sms`` multiprocessors (no GPU needed)."""
-    global _simulated_sms
-    previous, _simulated_sms = _simulated_sms, sms
+def simulated_gpu(gpu: GpuLimits | int) -> Iterator[None]:
+    """Size every grid launched inside for ``gpu`` (or a GPU with that many SMs); no GPU needed."""
+    global _simulated
+    previous, _simulated = _simulated, GpuLimits(gpu) if isinstance(gpu, int) else gpu
     try:
         yield
     finally:
-        _simulated_sms = previous
+        _simulated = previous
+
+
+def blocks_per_sm(registers: int, num_warps: int, shared: int, gpu: GpuLimits) -> int:
+    """Resident blocks per SM (the CUDA occupancy calculator's rules: registers allocated per warp
+    in units of 256, shared memory in units of 128 bytes plus the runtime's reserve per block)."""
+    per_warp = -(-registers * 32 // 256) * 256
+    by_regs = (gpu.registers // per_warp) // num_warps if registers else gpu.max_blocks
+    by_smem = gpu.smem // (-(-shared // 128) * 128 + gpu.smem_reserved)
+    return max(0, min(gpu.max_blocks, gpu.max_warps // num_warps, by_regs, by_smem))
+
+
+_resident: dict = {}
+
+
+def resident_blocks(kernel, args: tuple, kwargs: dict, device: torch.device) -> int:
+    """How many programs of ``kernel`` launched with ``args``/``kwargs`` fit on one SM at once.
+
+    Read from the compiled binary (``warmup`` compiles without launching; the static report
+    answers it for its simulated GPU), cached per kernel, constexprs and dtypes.
+    """
+    if not isinstance(kernel, JITFunction) or (device.type != "cuda" and _simulated is None):
+        return _INTERPRETER_BLOCKS
+    gpu = gpu_limits(device)
+    key = (kernel, gpu, tuple(sorted(kwargs.items())),
+           tuple(a.dtype if isinstance(a, torch.Tensor) else a is None for a in args))
+    if key not in _resident:
+        compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+        compiled._init_handles()
+        _resident[key] = max(1, blocks_per_sm(compiled.n_regs, compiled.metadata.num_warps,
+                                              compiled.metadata.shared, gpu))
+    return _resident[key]
+
+
+_MIN_WAVE_FILL = 0.85  # the static report's target too
 
 
 def row_chunks(batch: int, rows: int, step: int, programs_per_sm: int, device: torch.device) -> tuple[int, int]:
-    """Split each sample's ``rows`` into chunks, one program each, to fill the GPU's slots once.
+    """Split each sample's ``rows`` into chunks, one program each, so that the grid fills whole waves.
 
-    Returns ``(chunks, rows_per_chunk)``; ``rows_per_chunk`` is a multiple of ``step``. The grid
-    ``batch * chunks`` is at most ``programs_per_sm * SMs`` (one wave) unless a sample has fewer
-    steps than that needs. The split depends only on shapes and the device: reproducible results.
+    Returns ``(chunks, rows_per_chunk)``; ``rows_per_chunk`` is a multiple of ``step``. The fewest
+    chunks (fewest partial sums) that fill the GPU's ``programs_per_sm * SMs`` slots once, or, when
+    ``batch`` does not divide them (64 samples on 108 slots), that keep the last wave >= 85% full
+    (3 chunks: 192 programs, 1.78 waves). The split depends only on shapes and the device.
     """
     steps = triton.cdiv(max(rows, 1), step)
-    slots = programs_per_sm * sm_count(device)
-    chunks = max(1, min(steps, slots // max(batch, 1)))
-    rows_per_chunk = triton.cdiv(steps, chunks) * step
-    return triton.cdiv(max(rows, 1), rows_per_chunk), rows_per_chunk
+    slots = programs_per_sm * gpu_limits(device).sms
+    batch = max(batch, 1)
+
+    def split(chunks: int) -> tuple[int, int]:
+        per_chunk = triton.cdiv(steps, chunks) * step
+        return triton.cdiv(max(rows, 1), per_chunk), per_chunk
+
+    def fill(chunks: int) -> float:
+        waves = batch * split(chunks)[0] / slots
+        return waves / triton.cdiv(batch * split(chunks)[0], slots)
+
+    first = max(1, min(steps, slots // batch))
+    candidates = range(first, min(steps, max(first, 4 * triton.cdiv(slots, batch))) + 1)
+    best = next((c for c in candidates if fill(c) >= _MIN_WAVE_FILL), max(candidates, key=fill))
+    return split(best)
+
+
+def launch_over_rows(kernel, batch: int, rows: int, step: int, device: torch.device, args, kwargs: dict,
+                     partial_width: int = 0, partial_slots: int = 0) -> torch.Tensor | None:
+    """Launch a persistent row kernel on a ``(batch, chunks)`` grid that fills the GPU's resident slots once.
+
+    ``args(rows_per_chunk, partial)`` builds the argument tuple; with ``partial_width`` a float32
+    ``(partial_slots, batch, chunks, partial_width)`` buffer is allocated for the program's column
+    sums and returned.
+    """
+    scratch = torch.empty((1,), dtype=torch.float32, device=device) if partial_width else None
+    per_sm = resident_blocks(kernel, args(1, scratch), kwargs, device)
+    chunks, rows_per_chunk = row_chunks(batch, rows, step, per_sm, device)
+    partial = torch.empty((partial_slots, batch, chunks, partial_width), dtype=torch.float32,
+                          device=device) if partial_width else None
+    kernel[(batch, chunks)](*args(rows_per_chunk, partial), **kwargs)
+    return partial
 
 
 @triton.jit

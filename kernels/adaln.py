@@ -20,10 +20,10 @@ import triton.language as tl
 
 from . import reference
 from ._backend import use_triton
-from ._common import row_chunks, row_tiles, sum_partials
+from ._common import col_tiles, launch_over_rows, row_tiles, sum_partials
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows_per_chunk"])
 def _adaln_fwd_kernel(
     X, GATE, Y, SHIFT, SCALE,  # inputs: (N, L, D), (N|1, D), (N, L, D), (N|1, D), (N|1, D)
     R, OUT, MEAN, RSTD,  # outputs: residual (N, L, D), normed (N, L, D), mean/rstd (N*L,) float32
@@ -88,7 +88,7 @@ def _adaln_fwd_kernel(
             tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows_per_chunk"])
 def _adaln_bwd_kernel(
     DR, DOUT, XR, Y, GATE, SCALE, MEAN, RSTD,  # grads of (residual, normed); saved tensors
     DX, DY, PARTIAL,  # outputs: (N, L, D), (N, L, D), float32 (P, N, C, D) partial sums
@@ -199,14 +199,21 @@ def _adaln_bwd_kernel(
             tl.store(PARTIAL + (NORM_SLOT + 1) * slot + here + ce, tl.sum(acc_scale_e, axis=0), mask=ce_ok)
 
 
-# Launch shapes. Forward: 4 warps, 8 elements (16 bytes of bf16) per thread and tensor, grid for 16
-# resident programs per SM (64 warps). Backward: 16 warps, 4 elements per thread (its register tiles:
-# 3 column sums + 4 streamed tensors), which compiles to <= 64 registers: 2 programs (32 warps, 50%)
-# per SM, and the grid fills those slots once. Fewer, larger programs keep the float32 partial rows
-# (one per program and sum) small: 3 x D x 4 bytes per program is ~6% of the fused backward's bytes
-# at N=64, L=128, D=1152 on 264 programs, where 4-warp programs would write 4x as many.
-_FWD_WARPS, _FWD_PER_THREAD, _FWD_PROGRAMS_PER_SM = 4, 8, 16
-_BWD_WARPS, _BWD_PER_THREAD, _BWD_PROGRAMS_PER_SM = 16, 4, 2
+# Launch shapes (the static report checks each against its binary; grids fill the resident slots).
+# Forward: 4-warp programs, 8 elements (16 bytes of bf16) per thread and tensor.
+# Backward: 16-warp programs with 4 elements per thread (its register tiles: 3 column sums and 4
+# streamed tensors), <= 64 registers: 2 programs (32 warps, 50%) per SM. Few, large programs keep
+# the float32 partial rows (one per program and sum) small: ~3% of the fused backward's bytes at
+# N=64, L=128, D=1152, where 4-warp programs would write 4x as many.
+# The fused op on a row of two column tiles (D=1152 = 1024 + 128) costs more registers (Triton gives
+# the 128-wide tile its own layouts and converts the row sums between them):
+# - forward: 8 warps x 4 elements per thread: <= 64 registers, 50% occupancy (79 at 4 x 8: 38%);
+# - backward: ~110 registers at 4 elements per thread, so one 16-warp program per SM whatever the
+#   split. Argued instead: at 8 elements per thread (128 registers, no spill) it issues 16-byte loads
+#   of dr, y, dout and r before each step's reductions: 512 threads x 4 x 16 bytes = 32 KB (+4 KB
+#   of the second tile) in flight per SM, what 32 warps of 8-byte loads would have.
+_FWD_TILES, _FWD_FUSED_TWO_TILES = (4, 8), (8, 4)
+_BWD_TILES, _BWD_FUSED_TWO_TILES = (16, 4), (16, 8)
 
 
 def _check_vector(v: torch.Tensor, x: torch.Tensor, name: str) -> None:
@@ -232,21 +239,19 @@ def _launch_fwd(x, gate, y, shift, scale, eps: float, has_residual: bool, has_no
     n, length, d = x.shape
     r = torch.empty_like(x) if has_residual else x
     out = torch.empty_like(x) if has_norm else r
-    stats = [torch.empty((n, length), dtype=torch.float32, device=x.device) for _ in range(2)] if has_norm else None
+    mean, rstd = [torch.empty((n, length), dtype=torch.float32, device=x.device) for _ in range(2)] if has_norm \
+        else (None, None)
     if x.numel() > 0:
-        tiles = row_tiles(d, _FWD_WARPS, _FWD_PER_THREAD)
-        chunks, rows_per_chunk = row_chunks(n, length, tiles.rows, _FWD_PROGRAMS_PER_SM * _FWD_WARPS // tiles.num_warps,
-                                            x.device)
-        mean, rstd = stats if has_norm else (None, None)
-        _adaln_fwd_kernel[(n, chunks)](
+        two_tiles = has_residual and has_norm and col_tiles(d)[1] > 0
+        tiles = row_tiles(d, *(_FWD_FUSED_TWO_TILES if two_tiles else _FWD_TILES))
+        launch_over_rows(_adaln_fwd_kernel, n, length, tiles.rows, x.device, lambda rows_per_chunk, _: (
             x, gate, y, shift, scale, r if has_residual else None, out if has_norm else None, mean, rstd,
             length, d, rows_per_chunk,
             _row_stride(gate) if has_residual else 0, _row_stride(shift) if has_norm else 0,
             _row_stride(scale) if has_norm else 0, eps,
-            HAS_RESIDUAL=has_residual, HAS_NORM=has_norm,
-            ROWS=tiles.rows, BLOCK_D=tiles.block_d, BLOCK_E=tiles.block_e, num_warps=tiles.num_warps,
-        )
-    return (r, out, *stats) if has_norm else r
+        ), dict(HAS_RESIDUAL=has_residual, HAS_NORM=has_norm, ROWS=tiles.rows, BLOCK_D=tiles.block_d,
+                BLOCK_E=tiles.block_e, num_warps=tiles.num_warps))
+    return (r, out, mean, rstd) if has_norm else r
 
 
 def _launch_bwd(dr, dout, xr, y, gate, shift_like, scale, mean, rstd, has_residual: bool, has_norm: bool):
@@ -259,17 +264,14 @@ def _launch_bwd(dr, dout, xr, y, gate, shift_like, scale, mean, rstd, has_residu
     vectors = ([gate] if has_residual else []) + ([shift_like, scale] if has_norm else [])
     if xr.numel() == 0:
         return dx, dy, [torch.zeros(v.shape, dtype=v.dtype, device=v.device) for v in vectors]
-    tiles = row_tiles(d, _BWD_WARPS, _BWD_PER_THREAD)
-    chunks, rows_per_chunk = row_chunks(n, length, tiles.rows, _BWD_PROGRAMS_PER_SM * _BWD_WARPS // tiles.num_warps,
-                                        xr.device)
-    partial = torch.empty((len(vectors), n, chunks, d), dtype=torch.float32, device=xr.device)
-    _adaln_bwd_kernel[(n, chunks)](
-        dr, dout, xr, y, gate, scale, mean, rstd, dx, dy, partial,
-        length, d, rows_per_chunk,
+    two_tiles = has_residual and has_norm and col_tiles(d)[1] > 0
+    tiles = row_tiles(d, *(_BWD_FUSED_TWO_TILES if two_tiles else _BWD_TILES))
+    partial = launch_over_rows(_adaln_bwd_kernel, n, length, tiles.rows, xr.device, lambda rows_per_chunk, part: (
+        dr, dout, xr, y, gate, scale, mean, rstd, dx, dy, part, length, d, rows_per_chunk,
         _row_stride(gate) if has_residual else 0, _row_stride(scale) if has_norm else 0,
-        HAS_RESIDUAL=has_residual, HAS_NORM=has_norm, HAS_DR=has_dr, NORM_SLOT=int(has_residual),
-        ROWS=tiles.rows, BLOCK_D=tiles.block_d, BLOCK_E=tiles.block_e, num_warps=tiles.num_warps,
-    )
+    ), dict(HAS_RESIDUAL=has_residual, HAS_NORM=has_norm, HAS_DR=has_dr, NORM_SLOT=int(has_residual),
+            ROWS=tiles.rows, BLOCK_D=tiles.block_d, BLOCK_E=tiles.block_e, num_warps=tiles.num_warps),
+        partial_width=d, partial_slots=len(vectors))
     # A (1, D) vector's gradient sums the partials of every sample: one (1, N*C, D) view.
     sums = [sum_partials(partial[i].view(v.shape[0], -1, d), v.dtype) for i, v in enumerate(vectors)]
     return dx, dy, sums

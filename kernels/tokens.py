@@ -21,10 +21,10 @@ import triton.language as tl
 
 from . import reference
 from ._backend import use_triton
-from ._common import row_chunks, row_tiles, sum_partials
+from ._common import launch_over_rows, row_tiles, sum_partials
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows_per_chunk"])
 def _gather_kernel(
     X, IDS, POS, OUT,  # (N, L, D) with unit column stride, (N, K) int64, (L, D), (N, K, D)
     K, D, rows_per_chunk, stride_xn, stride_xl,
@@ -58,7 +58,7 @@ def _gather_kernel(
             tl.store(OUT + dst[:, None] + ce[None, :], ve.to(OUT.dtype.element_ty), mask=me)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows_per_chunk"])
 def _scatter_kernel(
     X, INV, FILL, POS, OUT,  # (N, K, D), (N, L) int32, (D,), (L, D), (N, L, D)
     L, K, D, rows_per_chunk,
@@ -99,7 +99,7 @@ def _scatter_kernel(
             tl.store(OUT + dst[:, None] + ce[None, :], ve.to(OUT.dtype.element_ty), mask=me)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows_per_chunk"])
 def _scatter_bwd_kernel(
     DOUT, INV, DX, PARTIAL,  # (N, L, D), (N, L) int32, (N, K, D), float32 (N, C, D)
     L, K, D, rows_per_chunk,
@@ -138,11 +138,11 @@ def _scatter_bwd_kernel(
         tl.store(PARTIAL + here + ce, tl.sum(acc_e, axis=0), mask=ce_ok)
 
 
-# Launch shapes: the copies use 4-warp programs with 16-byte accesses and a grid for 16 resident
-# programs per SM; the scatter backward writes one float32 partial row per program, so it uses
-# fewer, 16-warp programs (2 per SM = 32 warps) to keep the partials < 5% of its bytes.
-_COPY_WARPS, _COPY_PER_THREAD, _COPY_PROGRAMS_PER_SM = 4, 8, 16
-_REDUCE_WARPS, _REDUCE_PER_THREAD, _REDUCE_PROGRAMS_PER_SM = 16, 8, 2
+# Launch shapes: the copies use 4-warp programs with 16-byte accesses; the scatter backward writes
+# one float32 partial row per program for dfill, so it uses fewer, 16-warp programs (its 32 or so
+# registers let 4 fit per SM), which keeps the partials < 5% of its bytes.
+_COPY_WARPS, _COPY_PER_THREAD = 4, 8
+_REDUCE_WARPS, _REDUCE_PER_THREAD = 16, 8
 
 
 def _debug() -> bool:
@@ -177,13 +177,10 @@ def _scatter(x_keep: torch.Tensor, inv: torch.Tensor, fill: torch.Tensor | None,
     out = torch.empty((n, length, d), dtype=dtype, device=x_keep.device)
     if out.numel() > 0:
         tiles = row_tiles(d, _COPY_WARPS, _COPY_PER_THREAD)
-        chunks, rows_per_chunk = row_chunks(n, length, tiles.rows, _COPY_PROGRAMS_PER_SM * _COPY_WARPS // tiles.num_warps,
-                                            out.device)
-        _scatter_kernel[(n, chunks)](
+        launch_over_rows(_scatter_kernel, n, length, tiles.rows, out.device, lambda rows_per_chunk, _: (
             x_keep if k > 0 else out,  # an empty tensor may carry no valid pointer; never read then
             inv, fill, pos, out, length, k, d, rows_per_chunk,
-            ROWS=tiles.rows, BLOCK_D=tiles.block_d, BLOCK_E=tiles.block_e, num_warps=tiles.num_warps,
-        )
+        ), dict(ROWS=tiles.rows, BLOCK_D=tiles.block_d, BLOCK_E=tiles.block_e, num_warps=tiles.num_warps))
     return out
 
 
@@ -200,13 +197,10 @@ def _gather_op(x: torch.Tensor, ids_keep: torch.Tensor, pos: torch.Tensor | None
     out = torch.empty((n, k, d), dtype=x.dtype, device=x.device)
     if out.numel() > 0:
         tiles = row_tiles(d, _COPY_WARPS, _COPY_PER_THREAD)
-        chunks, rows_per_chunk = row_chunks(n, k, tiles.rows, _COPY_PROGRAMS_PER_SM * _COPY_WARPS // tiles.num_warps,
-                                            x.device)
-        _gather_kernel[(n, chunks)](
-            x, ids_keep, pos.contiguous() if pos is not None else None, out, k, d, rows_per_chunk,
-            x.stride(0), x.stride(1),
-            ROWS=tiles.rows, BLOCK_D=tiles.block_d, BLOCK_E=tiles.block_e, num_warps=tiles.num_warps,
-        )
+        pos = pos.contiguous() if pos is not None else None
+        launch_over_rows(_gather_kernel, n, k, tiles.rows, x.device, lambda rows_per_chunk, _: (
+            x, ids_keep, pos, out, k, d, rows_per_chunk, x.stride(0), x.stride(1),
+        ), dict(ROWS=tiles.rows, BLOCK_D=tiles.block_d, BLOCK_E=tiles.block_e, num_warps=tiles.num_warps))
     return out
 
 
@@ -286,13 +280,12 @@ def _scatter_bwd_op(dout: torch.Tensor, ids_keep: torch.Tensor) -> tuple[torch.T
     if dout.numel() == 0:
         return dx, torch.zeros((d,), dtype=torch.float32, device=dout.device)
     tiles = row_tiles(d, _REDUCE_WARPS, _REDUCE_PER_THREAD)
-    chunks, rows_per_chunk = row_chunks(n, length, tiles.rows,
-                                        _REDUCE_PROGRAMS_PER_SM * _REDUCE_WARPS // tiles.num_warps, dout.device)
-    partial = torch.empty((n, chunks, d), dtype=torch.float32, device=dout.device)
-    _scatter_bwd_kernel[(n, chunks)](
-        dout, _inverse(ids_keep, length), dx if k > 0 else partial, partial, length, k, d, rows_per_chunk,
-        ROWS=tiles.rows, BLOCK_D=tiles.block_d, BLOCK_E=tiles.block_e, num_warps=tiles.num_warps,
-    )
+    inv = _inverse(ids_keep, length)
+    partial = launch_over_rows(_scatter_bwd_kernel, n, length, tiles.rows, dout.device, lambda rows_per_chunk, part: (
+        dout, inv, dx if k > 0 else part, part, length, k, d, rows_per_chunk,
+    ), dict(ROWS=tiles.rows, BLOCK_D=tiles.block_d, BLOCK_E=tiles.block_e, num_warps=tiles.num_warps),
+        partial_width=d, partial_slots=1)[0]
+    chunks = partial.shape[1]
     # One fixed-order pass over every (sample, chunk) partial.
     return dx, sum_partials(partial.view(1, n * chunks, d))[0]
 

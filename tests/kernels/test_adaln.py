@@ -10,7 +10,7 @@ import torch
 
 import kernels
 from kernels import adaln, reference
-from kernels._common import row_chunks, row_tiles, simulated_gpu
+from kernels._common import _INTERPRETER_BLOCKS, row_chunks, row_tiles, simulated_gpu
 
 pytestmark = pytest.mark.usefixtures("poison")
 
@@ -99,9 +99,9 @@ def test_fused_equals_unfused_pair(device):
 def test_gradients_are_deterministic(d, assert_close, device):
     """Two identical backward passes give bitwise-identical gradients (no atomics), rows split over programs."""
     shape = (2, 70, d)
-    tiles = row_tiles(d, adaln._BWD_WARPS, adaln._BWD_PER_THREAD)
+    tiles = row_tiles(d, *adaln._BWD_FUSED_TWO_TILES)
     with simulated_gpu(4):
-        assert row_chunks(shape[0], shape[1], tiles.rows, adaln._BWD_PROGRAMS_PER_SM, torch.device(device))[0] > 1
+        assert row_chunks(shape[0], shape[1], tiles.rows, _INTERPRETER_BLOCKS, torch.device(device))[0] > 1
     ours, truth = _inputs(shape, torch.float32, device, ("x", "gate", "y", "shift", "scale"))
     upstream = [torch.randn(shape, device=device) for _ in range(2)]
     runs = []

@@ -1,12 +1,16 @@
 """Attention dispatch (kernels/attention.py): backend choice, forcing, and agreement with the reference."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 import kernels
-from kernels import attention as attention_module
 from kernels import reference
+
+# The module (kernels.attention is also the name of the function the package exports).
+attention_module = importlib.import_module("kernels.attention")
 
 
 @pytest.fixture(autouse=True)
@@ -84,3 +88,67 @@ def test_every_available_backend_matches_reference_on_gpu(dtype):
         assert attention_module.attention_backend(q) in (name, "sdpa")
         err = (out.float() - expected).abs().max() / expected.abs().max()
         assert err <= 1e-2, (name, err.item())
+
+
+class _FakeFlash:
+    """Stands in for flash_attn_interface / flash_attn: records calls, refuses head dims not in ``takes``."""
+
+    def __init__(self, takes=None):
+        self.takes, self.calls = takes, []
+
+    def flash_attn_func(self, q, k, v):
+        self.calls.append(q.shape[-1])
+        if self.takes is not None and q.shape[-1] not in self.takes:
+            raise RuntimeError("FlashAttention forward only supports head dimension at most 256 and 64, 128, 256")
+        return q
+
+
+@pytest.fixture
+def hopper_with(monkeypatch):
+    """A Hopper GPU whose importable attention packages are the given fakes (flash-attn is not installed here)."""
+
+    def install(modules: dict):
+        monkeypatch.setattr(attention_module, "_module", lambda name: modules.get(name))
+        monkeypatch.setattr(attention_module, "_PROBE_DEVICE", "cpu")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+        attention_module._flash3_takes.cache_clear()
+
+    yield install
+    attention_module._flash3_takes.cache_clear()
+
+
+def test_old_flash3_is_skipped_for_head_dims_it_refuses(hopper_with, caplog):
+    """A pre-2024 FA3 build takes 64/128/256 only: DiT-XL's 72 and 32 go to FA2, probed once each."""
+    fa3, fa2 = _FakeFlash(takes={64, 128, 256}), _FakeFlash()
+    hopper_with({"flash_attn_interface": fa3, "flash_attn": fa2})
+    with caplog.at_level("WARNING"):
+        assert kernels.attention_backend(head_dim=72) == "flash2"
+        assert kernels.attention_backend(head_dim=72) == "flash2"
+        assert kernels.attention_backend(head_dim=128) == "flash3"
+        choice = kernels.attention_backend(head_dim=32)
+    assert choice == "flash2" and choice.padded_head_dim == 32
+    assert fa3.calls == [72, 128, 32]  # one probe per head dim
+    assert sum("refuses head dim" in r.message for r in caplog.records) == 2
+
+
+def test_current_flash3_pads_the_head_dim(hopper_with):
+    hopper_with({"flash_attn_interface": _FakeFlash(), "flash_attn": _FakeFlash()})
+    choice = kernels.attention_backend(head_dim=72)
+    assert choice == "flash3" and (choice.head_dim, choice.padded_head_dim) == (72, 96)
+    assert kernels.attention_backend(head_dim=32).padded_head_dim == 64
+    assert "computed at 96" in repr(choice)
+
+
+def test_refused_flash3_without_flash2_falls_back_to_sdpa(hopper_with):
+    hopper_with({"flash_attn_interface": _FakeFlash(takes={64, 128, 256})})
+    choice = kernels.attention_backend(head_dim=72)
+    assert choice == "sdpa" and choice.padded_head_dim == 72
+
+
+def test_padded_head_dims_of_each_backend():
+    assert attention_module.AttentionBackend("flash2", 72).padded_head_dim == 96
+    assert attention_module.AttentionBackend("sdpa", 33).padded_head_dim == 40
+    assert attention_module.AttentionBackend("reference", 72).padded_head_dim == 72
+    assert attention_module.AttentionBackend("xformers", 72).padded_head_dim is None
+    assert kernels.attention_backend().head_dim is None

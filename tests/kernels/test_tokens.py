@@ -10,7 +10,7 @@ import torch
 
 import kernels
 from kernels import reference, tokens
-from kernels._common import row_chunks, row_tiles, simulated_gpu
+from kernels._common import _INTERPRETER_BLOCKS, row_chunks, row_tiles, simulated_gpu
 
 pytestmark = pytest.mark.usefixtures("poison")
 
@@ -92,7 +92,7 @@ def test_fill_gradient_is_deterministic(d, assert_close, device):
     n, length, k = 3, 80, 20
     tiles = row_tiles(d, tokens._REDUCE_WARPS, tokens._REDUCE_PER_THREAD)
     with simulated_gpu(8):
-        assert row_chunks(n, length, tiles.rows, tokens._REDUCE_PROGRAMS_PER_SM, torch.device(device))[0] > 1
+        assert row_chunks(n, length, tiles.rows, _INTERPRETER_BLOCKS, torch.device(device))[0] > 1
     ids = _ids(n, length, k).to(device)
     x = torch.randn(n, k, d, device=device, requires_grad=True)
     fill = torch.randn(d, device=device, requires_grad=True)
