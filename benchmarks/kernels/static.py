@@ -439,17 +439,40 @@ def tables(report: dict) -> str:
     return "\n".join(rows)
 
 
+def summary(report: dict) -> str:
+    """One markdown row per GPU, op and shape: the main kernel of each pass, and the op's bytes ratio."""
+    main = {}
+    for r in report["kernels"]:
+        if r["kernel"] not in SMALL_KERNELS:
+            main.setdefault((r["gpu"], r["op"], r["shape"], r["phase"]), r)
+    ratio = {(r["gpu"], r["op"], r["shape"], r["phase"]): r["ratio"] for r in report["ops"]}
+
+    def cell(r: dict) -> str:
+        return (f"{r['registers']} / {r['num_warps']}w / {r['occupancy']:.0%} / {r['waves']:.2f} / "
+                f"{r['in_flight'] // 1024} KB / {max((int(w) for w in r['load_widths']), default=0)} B")
+
+    rows = ["| GPU | op | shape | fwd: regs / warps / occupancy / waves / in flight / widest load | bwd: same | "
+            "bytes / minimum fwd, bwd |", "|---|---|---|---|---|---|"]
+    for (gpu, op, shape, phase), r in main.items():
+        if phase == "fwd":
+            b = main[(gpu, op, shape, "bwd")]
+            rows.append(f"| {gpu} | {op} | {shape} | {cell(r)} | {cell(b)} | "
+                        f"{ratio[(gpu, op, shape, 'fwd')]:.3f}, {ratio[(gpu, op, shape, 'bwd')]:.3f} |")
+    return "\n".join(rows)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpus", default=",".join(GPUS), help=f"comma-separated subset of {','.join(GPUS)}")
     parser.add_argument("--json", default="static-report.json", help="where to write the JSON report")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed (listed on stderr)")
+    parser.add_argument("--markdown", action="store_true", help="print the per-op summary table (README) instead")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.gpus.split(",")) - set(GPUS))
     if unknown:
         parser.error(f"unknown GPUs {unknown}; choose from {list(GPUS)}")
     report = build([GPUS[g] for g in args.gpus.split(",")])
-    print(tables(report))
+    print(summary(report) if args.markdown else tables(report))
     with open(args.json, "w") as f:
         json.dump(report, f, indent=1, default=str)
     missed = violations(report)
