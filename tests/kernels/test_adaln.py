@@ -174,7 +174,8 @@ def test_torch_compile_sees_one_op(assert_close, device):
     ours, truth = _inputs((2, 5, 72), torch.float32, device, ("x", "gate", "y", "shift", "scale"))
 
     def step(x, gate, y, shift, scale):
-        r, h = kernels.gated_residual_layernorm_modulate(x, gate, y, shift, scale)
+        x, h0 = kernels.residual_layernorm_modulate(x, shift, scale)  # an autograd.Function around the ops
+        r, h = kernels.gated_residual_layernorm_modulate(x, gate, y * h0, shift, scale)
         return kernels.gated_residual(r, gate, kernels.layernorm_modulate(h, shift, scale)).square().sum()
 
     backend = "inductor" if device == "cuda" else "aot_eager"  # inductor on CPU would need a C++ toolchain
