@@ -7,8 +7,9 @@ share a step so that every thread holds ``per_thread`` elements of each streamed
 
 Grids. Every kernel is persistent over rows: program ``(n, c)`` walks rows
 ``[c * rows_per_chunk, (c + 1) * rows_per_chunk)`` of sample n. :func:`launch_over_rows` sizes the
-grid to fill the GPU's resident-block slots once: resident blocks per SM read from the compiled
-kernel (registers, shared memory, warps), times the SMs, so no wave has a tail.
+grid from the GPU's resident-block slots: resident blocks per SM read from the compiled kernel
+(registers, shared memory, warps) times the SMs, filled once, or in whole waves when the batch
+does not divide the slots, so no wave has a tail.
 
 Reductions over the sequence (dshift, dscale, dgate, dfill) never use atomics: each program
 keeps its column sums in registers across its rows and writes one float32 partial row;
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -38,7 +39,8 @@ class Tiles(NamedTuple):
 
 
 def col_tiles(d: int) -> tuple[int, int]:
-    """``(BLOCK_D, BLOCK_E)``: two powers of two covering ``d`` columns with the least padding."""
+    """``(BLOCK_D, BLOCK_E)`` covering ``d`` columns: the largest power of two <= d, then the next power
+    of two >= the rest (1152 -> 1024 + 128, 72 -> 64 + 8, 512 -> 512 + 0, 1000 -> 512 + 512)."""
     block_d = 1 << (max(1, d).bit_length() - 1)
     rest = d - block_d
     return block_d, (triton.next_power_of_2(rest) if rest else 0)
@@ -156,9 +158,11 @@ def row_chunks(batch: int, rows: int, step: int, programs_per_sm: int, device: t
     return split(best)
 
 
-def launch_over_rows(kernel, batch: int, rows: int, step: int, device: torch.device, args, kwargs: dict,
+def launch_over_rows(kernel, batch: int, rows: int, step: int, device: torch.device,
+                     args: Callable[[int, torch.Tensor | None], tuple], kwargs: dict,
                      partial_width: int = 0, partial_slots: int = 0) -> torch.Tensor | None:
-    """Launch a persistent row kernel on a ``(batch, chunks)`` grid that fills the GPU's resident slots once.
+    """Launch a persistent row kernel on a ``(batch, chunks)`` grid sized by :func:`row_chunks` from its
+    resident blocks per SM.
 
     ``args(rows_per_chunk, partial)`` builds the argument tuple; with ``partial_width`` a float32
     ``(partial_slots, batch, chunks, partial_width)`` buffer is allocated for the program's column

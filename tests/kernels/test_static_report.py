@@ -57,3 +57,6 @@ def test_violations_are_caught():
     for change in (dict(spills=2), dict(occupancy=0.25), dict(waves=2.1, wave_fill=0.7)):
         assert len(violations({"kernels": [{**good_kernel, **change}], "ops": [good_op]})) == 1, change
     assert len(violations({"kernels": [good_kernel], "ops": [{**good_op, "ratio": 1.2}]})) == 1
+    argued = {**good_kernel, "occupancy": 0.25, "in_flight": 32 * 1024}  # fewer warps, enough bytes in flight
+    assert violations({"kernels": [argued], "ops": [good_op]}) == []
+    assert len(violations({"kernels": [{**good_kernel, "padding": 1.78}], "ops": [good_op]})) == 1
