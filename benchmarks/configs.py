@@ -14,8 +14,8 @@ A variant is an architecture followed by ``+``-separated modifiers:
     +bf16|fp32                   precision (default: bf16 autocast on CUDA, fp32 on CPU)
 
 Names are canonical (modifiers in the order above, defaults left out), so equal settings have
-equal names. Every comparison is against the baseline ``dit``: the way public DiT trainers run
-(kernels off, SDPA attention, eager, bf16 autocast on CUDA).
+equal names. The plain ``dit`` is the way public DiT trainers run (kernels off, SDPA attention,
+eager, bf16 autocast on CUDA); which row is compared with which is ``benchmarks/policy.py``'s rule.
 """
 from __future__ import annotations
 
@@ -125,7 +125,7 @@ def default_train_variants(device_type: str, tiny: bool) -> list[str]:
     """The side-by-side comparison of a report: the baseline first."""
     if tiny:  # every code path, at tiny cost
         return ["dit", "dit+kernels", "dit+reference", "dit+kernels+compile", "dit+bf16",
-                "mask50", "mask50+kernels", "mask25", "mask75+kernels", "mask50+kernels+compile"]
+                "mask50", "mask50+kernels", "mask25", "mask75+kernels", "mask50+kernels+compile", "mask50+bf16"]
     if device_type != "cuda":  # CPU at real shapes: kernels would run in Triton's interpreter
         return ["dit", "mask50", "mask25", "mask75"]
     fused = [f"dit+kernels+{name}" for name in FUSED_ATTENTIONS if name in kernels.available_attention_backends()]

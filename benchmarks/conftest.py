@@ -22,6 +22,7 @@ if not torch.cuda.is_available():  # before anything imports triton (kernels-on 
 import pytest  # noqa: E402
 
 from benchmarks.configs import ModelSpec, parse_variants  # noqa: E402
+from benchmarks.policy import with_same_policy_baselines  # noqa: E402
 from benchmarks.measure import matmul_peak_tflops  # noqa: E402
 from benchmarks.run import Settings, prepare, resolve_settings  # noqa: E402
 
@@ -64,11 +65,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     settings = metafunc.config.stash[SETTINGS]
     specs = [ModelSpec.parse(name) for name in settings.models]
     if "train_case" in metafunc.fixturenames:
-        variants = parse_variants(settings.variants, settings.device)
+        variants = with_same_policy_baselines(parse_variants(settings.variants, settings.device), settings.device)
         cases = [(spec, batch, v) for spec in specs for batch in settings.batches for v in variants]
         metafunc.parametrize("train_case", cases, ids=[f"{s.name}-b{b}-{v.name}" for s, b, v in cases])
     if "sample_case" in metafunc.fixturenames:
-        variants = parse_variants(settings.sample_variants, settings.device, sampling=True) \
+        variants = with_same_policy_baselines(
+            parse_variants(settings.sample_variants, settings.device, sampling=True), settings.device) \
             if settings.sample_variants else []
         scales = list(dict.fromkeys([1.0, settings.cfg_scale]))
         cases = [(spec, v, scale) for spec in specs for v in variants for scale in scales]
@@ -94,15 +96,19 @@ def matmul_peak(bench_settings: Settings) -> Callable[[str], float]:
 
 @pytest.fixture(scope="session")
 def record(request: pytest.FixtureRequest) -> Callable[[str, tuple, bool, dict], None]:
-    """``record(case, group, is_baseline, info)``: adds the ratios to the baseline of ``group`` measured
-    earlier in this session (the baseline is parametrized first) to ``info`` and keeps the row for
-    the summary printed at the end."""
+    """``record(case, group, is_baseline, info)``: adds the ratios to the baseline of ``group`` (the
+    DiT of the same policy) measured earlier in this session (it is parametrized first) to ``info``,
+    unless their measured residual-stream dtypes differ (then ``info["comparison"]`` says why), and
+    keeps the row for the summary printed at the end."""
     baselines: dict[tuple, dict] = {}
     rows = request.config.stash.setdefault(ROWS, [])
 
     def add(case: str, group: tuple, is_baseline: bool, info: dict) -> None:
         if is_baseline:
             baselines[group] = dict(info)
+        elif group in baselines and baselines[group]["residual_dtype"] != info["residual_dtype"]:
+            info["comparison"] = (f"no ratio: residual stream {baselines[group]['residual_dtype']} in the DiT, "
+                                  f"{info['residual_dtype']} here")
         elif group in baselines:
             base = baselines[group]
             info["speedup_vs_baseline"] = info["images_per_s"] / base["images_per_s"]
@@ -116,7 +122,7 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     rows = config.stash.get(ROWS, [])
     if not rows:
         return
-    terminalreporter.section("maskdit_fast throughput (ratios: against dit in this session)")
+    terminalreporter.section("maskdit_fast throughput (ratios: against the DiT of the same policy in this session)")
     width = max(len(case) for case, _ in rows)
     terminalreporter.write_line(f"{'case':{width}} {'img/s':>10} {'x dit':>6} {'alloc GiB':>10} {'x dit':>6} "
                                 f"{'MFU':>6}")
@@ -126,4 +132,5 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
 
         terminalreporter.write_line(f"{case:{width}} {cell('images_per_s', '.4g', 10)} "
                                     f"{cell('speedup_vs_baseline', '.2f', 6)} {cell('peak_allocated_gib', '.3g', 10)} "
-                                    f"{cell('memory_vs_baseline', '.2f', 6)} {cell('mfu', '.1%', 6)}")
+                                    f"{cell('memory_vs_baseline', '.2f', 6)} {cell('mfu', '.1%', 6)} "
+                                    f"{info.get('comparison', '')}")

@@ -8,7 +8,11 @@
   over its size at the reset, "reserved" the peak resident set of the whole process.
 - FLOPs: ``torch.utils.flop_counter`` on fake tensors (nothing is computed, so XL/2 is counted in
   seconds on a CPU), with the reference attention, whose two matmuls per direction are the model
-  FLOPs (a flash backward recomputes, which MFU does not count). One MAC = two FLOPs.
+  FLOPs (a flash backward recomputes, which MFU does not count). Two conventions per image, see
+  :class:`Flops`: 2 x MACs (what MFU divides by the hardware peak) and the DiT paper's "Gflops"
+  (one multiply-add = one FLOP, forward only).
+- Residual stream: the dtype of the tokens entering and leaving every DiT block, read by forward
+  hooks during one forward of the configuration (:func:`residual_stream_dtype`), never assumed.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import kernels
 from maskdit_fast.config import ModelConfig
 from maskdit_fast.models import build_model, random_masking
+from maskdit_fast.models.layers import DiTBlock
 
 GIB = 2**30
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -95,10 +100,22 @@ class PeakMemory:
 
 @dataclass(frozen=True)
 class Flops:
-    """Model FLOPs per image of one network evaluation (forward) and of a training step (fwd + bwd)."""
+    """Model FLOPs per image of one network evaluation (forward) and of a training step (fwd + bwd).
+
+    Both count 2 FLOPs per multiply-accumulate of every matmul, linear and convolution, attention's
+    two matmuls included; norms, softmax, GELU and element-wise ops are not counted. This is the
+    convention of MFU (the hardware peak counts an FMA as 2 FLOPs).
+    """
 
     forward: float
     train: float
+
+    @property
+    def dit_paper(self) -> float:
+        """The DiT paper's "Gflops" of one forward (Peebles & Xie; 118.6 G for DiT-XL/2 at 256 px): the same
+        matmuls and convolutions with one multiply-add counted as one FLOP (fvcore's convention), i.e.
+        forward MACs. See docs/benchmarks.md for the remaining small differences."""
+        return self.forward / 2
 
 
 def count_flops(cfg: ModelConfig, mask_ratio: float, batch: int = 2) -> Flops:
@@ -119,6 +136,28 @@ def count_flops(cfg: ModelConfig, mask_ratio: float, batch: int = 2) -> Flops:
         finally:
             kernels.set_attention_backend(None)
     return Flops(forward.get_total_flops() / batch, train.get_total_flops() / batch)
+
+
+def residual_stream_dtype(net: torch.nn.Module, forward: Callable[[], object]) -> str:
+    """The dtype(s) of the residual stream of ``net`` while ``forward()`` runs, e.g. ``float32`` or
+    ``bfloat16`` (``bfloat16/float32`` if blocks differ): the tokens entering and leaving every
+    :class:`~maskdit_fast.models.layers.DiTBlock` (DiT, MaskDiT encoder and decoder, DyDiT), read by
+    forward hooks, so that it is what the code did, whatever the model does with autocast."""
+    seen: set[torch.dtype] = set()
+
+    def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        seen.update((args[0].dtype, output.dtype))
+
+    blocks = [m for m in net.modules() if isinstance(m, DiTBlock)]
+    if not blocks:
+        raise ValueError(f"{type(net).__name__} has no DiTBlock: cannot measure its residual stream dtype")
+    handles = [block.register_forward_hook(hook) for block in blocks]
+    try:
+        forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return "/".join(sorted(str(dtype).removeprefix("torch.") for dtype in seen))
 
 
 def matmul_peak_tflops(device: torch.device, precision: str, size: int, reps: int) -> float:

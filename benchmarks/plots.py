@@ -1,4 +1,5 @@
-"""Bar charts of a report (matplotlib): training throughput and peak memory per model, sampling throughput."""
+"""Charts of a report (matplotlib): bars of training throughput and peak memory per model, sampling
+throughput; lines of the batch sweep (images/s, peak memory, MaskDiT over its same-policy DiT)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -58,6 +59,8 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
             rows = [row for row in train if row["batch"] == batch]
             _grouped_bars(ax, rows, lambda row: row["variant"], key, ylabel, f"{what}, batch {batch}")
         written.append(_save(fig, axes, device, out_dir / name))
+    if report.get("sweep"):
+        written.append(plot_sweep(report, out_dir / "sweep.png"))
     sample = report["sample"]
     if sample:
         def label(row: dict) -> str:
@@ -69,3 +72,42 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
                       f"Heun sampler, {sample[0]['num_steps']} steps, batch {sample[0]['batch']}")
         written.append(_save(fig, axes, device, out_dir / "sampling.png"))
     return written
+
+
+def plot_sweep(report: dict, path: Path) -> Path:
+    """``sweep.png``: images/s, peak memory and MaskDiT's speed ratio to the DiT of its policy, each
+    against the per-device batch (log 2 axes), one line per variant; OOM points are left out and the
+    largest batch within the memory budget (CUDA) is marked on the memory panel."""
+    rows = [row for row in report["sweep"] if row["status"] == "ok"]
+    variants = list(dict.fromkeys(row["variant"] for row in report["sweep"]))
+    memory_label = "peak allocated (GiB)" if report["device"]["type"] == "cuda" else "peak RSS growth (GiB)"
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4), layout="constrained")
+    for variant in variants:
+        mine = sorted((row for row in rows if row["variant"] == variant), key=lambda row: row["batch"])
+        style = {"marker": "o", "linestyle": "-" if variant.startswith("dit") else "--", "label": variant}
+        axes[0].plot([r["batch"] for r in mine], [r["images_per_s"] for r in mine], **style)
+        line, = axes[1].plot([r["batch"] for r in mine], [r["peak_allocated_gib"] for r in mine], **style)
+        for found in report.get("max_batch", []):
+            if found["variant"] == variant and found["largest_batch"]:
+                axes[1].axvline(found["largest_batch"], color=line.get_color(), linestyle=":", linewidth=1)
+        ratios = [r for r in mine if r["compared"] == "arch" and r["speedup_vs_baseline"] is not None]
+        if ratios:
+            axes[2].plot([r["batch"] for r in ratios], [r["speedup_vs_baseline"] for r in ratios],
+                         **{**style, "label": f"{variant} / {ratios[0]['baseline_variant']}"})
+    if report.get("max_batch"):
+        axes[1].axhline(report["max_batch"][0]["budget_gib"], color="grey", linewidth=1)
+    axes[2].axhline(1.0, color="grey", linewidth=1)
+    titles = ("Training throughput", "Training peak memory" + (" (dotted: largest batch in budget)"
+                                                               if report.get("max_batch") else ""),
+              "MaskDiT speed over the DiT of its policy")
+    for ax, ylabel, title in zip(axes, ("images / s", memory_label, "× images / s"), titles):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("per-device batch")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7, frameon=False)
+    axes[0].set_yscale("log", base=2)
+    fig.suptitle(f"Batch sweep, {report['sweep'][0]['model']}: {report['device']['name']}", fontsize=9)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

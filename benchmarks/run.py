@@ -1,5 +1,6 @@
 """One benchmark run: every (model, batch, variant) training step and sampler, measured in this
-process, with every ratio taken against the baseline row of the same run.
+process, each row stating its policy, every ratio taken against a row of the same run that
+differs in one aspect only (``benchmarks/policy.py``); then the batch sweep (``benchmarks/sweep.py``).
 """
 from __future__ import annotations
 
@@ -16,20 +17,28 @@ from pathlib import Path
 import torch
 
 from .configs import BASELINE, ModelSpec, Variant, default_sample_variants, default_train_variants, parse_variants
-from .measure import Flops, PeakMemory, count_flops, git_state, machine, matmul_peak_tflops, time_calls, versions
+from .measure import (Flops, PeakMemory, count_flops, git_state, machine, matmul_peak_tflops, synchronize, time_calls,
+                      versions)
+from .policy import AUTOCAST, Policy, compare, intended_baseline, with_same_policy_baselines
+from .sweep import fits_by_trying, largest_batch
 from .workloads import Sampler, TrainStep, variant_settings
 
-SCHEMA = "maskdit_fast-benchmarks/1"
+SCHEMA = "maskdit_fast-benchmarks/2"
 ROOT = Path(__file__).resolve().parents[1]
 # Defaults per mode; every one can be overridden (``resolve_settings``).
 DEFAULTS = {
     "cuda": {"models": "XL/2", "batch": "64", "warmup": 10, "steps": 30, "sample_steps": 40, "sample_reps": 3,
-             "matmul_size": 8192, "compile_backend": "inductor", "threads": 0},
+             "matmul_size": 8192, "compile_backend": "inductor", "threads": 0,
+             "sweep_batch": "8,16,32,64,128,256", "sweep_variants": "dit,dit+kernels,mask50,mask50+kernels"},
+    # On a CPU kernels-on variants run in Triton's interpreter: the sweep leaves them out.
     "cpu": {"models": "S/2", "batch": "4", "warmup": 2, "steps": 5, "sample_steps": 4, "sample_reps": 1,
-            "matmul_size": 1024, "compile_backend": "aot_eager", "threads": 0},
+            "matmul_size": 1024, "compile_backend": "aot_eager", "threads": 0,
+            "sweep_batch": "1,2,4,8", "sweep_variants": "dit,mask50"},
     "tiny": {"models": "tiny/2", "batch": "2", "warmup": 1, "steps": 3, "sample_steps": 2, "sample_reps": 1,
-             "matmul_size": 128, "compile_backend": "aot_eager", "threads": 1},
+             "matmul_size": 128, "compile_backend": "aot_eager", "threads": 1,
+             "sweep_batch": "1,4", "sweep_variants": "dit,mask50"},
 }
+MAX_BATCH_LIMIT = 4096  # the largest-batch search stops there
 
 
 @dataclass
@@ -51,6 +60,9 @@ class Settings:
     matmul_size: int
     threads: int  # torch CPU threads; 0 = torch's default
     tiny: bool = False
+    sweep_batches: list[int] = field(default_factory=list)  # empty: no batch sweep
+    sweep_variants: list[str] = field(default_factory=list)
+    memory_budget_gib: float | None = None  # CUDA: largest-batch search within this (None: no search)
 
 
 def _csv(text: str) -> list[str]:
@@ -61,10 +73,14 @@ def resolve_settings(device: str = "auto", tiny: bool = False, models: str | Non
                      variants: str = "default", sample_variants: str = "default", warmup: int | None = None,
                      steps: int | None = None, sample_batch: int | None = None, sample_steps: int | None = None,
                      sample_reps: int | None = None, cfg_scale: float = 1.5, compile_backend: str | None = None,
-                     matmul_size: int | None = None, threads: int | None = None) -> Settings:
+                     matmul_size: int | None = None, threads: int | None = None, sweep_batch: str | None = None,
+                     sweep_variants: str | None = None, memory_budget: float | None = None) -> Settings:
     """Settings from command-line style strings (``None``: the mode's default); checks every name.
 
     ``variants``/``sample_variants``: comma-separated names, ``default`` (or ``none`` for sampling).
+    ``sweep_batch``: comma-separated batches of the sweep (``none``: no sweep), each running
+    ``sweep_variants`` on the first model. ``memory_budget``: GiB for the largest-batch search
+    (CUDA only; default: the device's memory; 0: no search).
     Raises ValueError naming what is wrong.
     """
     if device == "auto":
@@ -73,12 +89,18 @@ def resolve_settings(device: str = "auto", tiny: bool = False, models: str | Non
         raise ValueError("device cuda: no CUDA device is visible")
     given = {"models": models, "batch": batch, "warmup": warmup, "steps": steps, "sample_steps": sample_steps,
              "sample_reps": sample_reps, "matmul_size": matmul_size, "compile_backend": compile_backend,
-             "threads": threads}
+             "threads": threads, "sweep_batch": sweep_batch, "sweep_variants": sweep_variants}
     opts = {k: given[k] if given[k] is not None else v for k, v in DEFAULTS["tiny" if tiny else device].items()}
     try:
         batches = [int(b) for b in _csv(opts["batch"])]
+        sweep_batches = [] if opts["sweep_batch"] == "none" else sorted({int(b) for b in _csv(opts["sweep_batch"])})
     except ValueError:
-        raise ValueError(f"batch {opts['batch']!r}: comma-separated integers expected") from None
+        raise ValueError(f"batch {opts['batch']!r} / sweep batch {opts['sweep_batch']!r}: comma-separated "
+                         "integers expected") from None
+    if memory_budget is None and device == "cuda":
+        memory_budget = torch.cuda.get_device_properties(0).total_memory / 2**30
+    if memory_budget is not None and memory_budget < 0:
+        raise ValueError(f"memory budget {memory_budget}: GiB >= 0 expected (0: no search)")
     train_names = default_train_variants(device, tiny) if variants == "default" else _csv(variants)
     if sample_variants == "default":
         sample_names = default_sample_variants(device, tiny)
@@ -88,12 +110,15 @@ def resolve_settings(device: str = "auto", tiny: bool = False, models: str | Non
                         sample_variants=sample_names, warmup=opts["warmup"], steps=opts["steps"],
                         sample_batch=sample_batch or batches[0], sample_steps=opts["sample_steps"],
                         sample_reps=opts["sample_reps"], cfg_scale=cfg_scale, compile_backend=opts["compile_backend"],
-                        matmul_size=opts["matmul_size"], threads=opts["threads"], tiny=tiny)
+                        matmul_size=opts["matmul_size"], threads=opts["threads"], tiny=tiny,
+                        sweep_batches=sweep_batches, sweep_variants=_csv(opts["sweep_variants"]),
+                        memory_budget_gib=memory_budget if device == "cuda" and memory_budget else None)
     for name in settings.models:
         ModelSpec.parse(name)
     parse_variants(settings.variants, device)
     parse_variants(settings.sample_variants, device, sampling=True)
-    if min(batches + [settings.steps, settings.sample_batch, settings.sample_reps, settings.sample_steps]) < 1 \
+    parse_variants(settings.sweep_variants, device)
+    if min(batches + sweep_batches + [settings.steps, settings.sample_batch, settings.sample_reps, settings.sample_steps]) < 1 \
             or settings.warmup < 0:
         raise ValueError("batch sizes, steps and repetitions must be positive (warm-up >= 0)")
     return settings
@@ -117,13 +142,23 @@ class Row:
     images_per_s: float | None = None
     peak_allocated_gib: float | None = None
     peak_reserved_gib: float | None = None
+    autocast: str = ""  # bf16 | fp16 | off
+    residual_dtype: str | None = None  # measured by hooks on the blocks (None: the configuration failed first)
     baseline: str | None = None  # id of the row the ratios divide by (same run)
+    baseline_variant: str | None = None  # that row's variant
+    compared: str | None = None  # the one aspect in which this row differs from its baseline
+    comparison: str = ""  # "" when the ratios are taken, else why not (policies differ in more than one aspect)
     speedup_vs_baseline: float | None = None  # images/s over the baseline's
 
     @classmethod
     def of(cls, row_id: str, spec: ModelSpec, batch: int, variant: Variant, **fields) -> Row:
         settings = {k: v for k, v in asdict(variant).items() if k != "name"}
-        return cls(id=row_id, model=spec.name, batch=batch, variant=variant.name, **settings, **fields)
+        return cls(id=row_id, model=spec.name, batch=batch, variant=variant.name, **settings,
+                   autocast=AUTOCAST[variant.precision], **fields)
+
+    def policy(self) -> Policy:
+        head = self.variant.split("+")[0]
+        return Policy(head, self.autocast, self.residual_dtype, self.attention, self.kernels, self.compile)
 
 
 @dataclass
@@ -132,6 +167,7 @@ class TrainRow(Row):
     step_ms_all: list[float] = field(default_factory=list)
     fwd_flops_per_image: float | None = None
     fwd_macs_per_image: float | None = None
+    dit_paper_gflops_per_image: float | None = None  # forward MACs: the DiT paper's "Gflops" (measure.Flops)
     train_flops_per_image: float | None = None  # forward + backward
     achieved_tflops: float | None = None
     mfu: float | None = None  # achieved / measured matmul peak of the row's precision
@@ -193,10 +229,12 @@ def measure_train(spec: ModelSpec, variant: Variant, batch: int, settings: Setti
         flops[key] = count_flops(spec.config(variant.arch, variant.mask_ratio), variant.mask_ratio)
     count = flops[key]
     row.fwd_flops_per_image, row.fwd_macs_per_image = count.forward, count.forward / 2
+    row.dit_paper_gflops_per_image = count.dit_paper / 1e9
     row.train_flops_per_image = count.train
     try:
         with isolated(device, variant) as memory:
             step = TrainStep(spec, variant, batch, device, settings.compile_backend)
+            row.residual_dtype = step.residual_dtype
             times = time_calls(step, device, settings.warmup, settings.steps)
             row.peak_allocated_gib, row.peak_reserved_gib = memory.read()
     except Exception as err:  # one failing configuration (OOM, a compile error) must not lose the run
@@ -206,6 +244,24 @@ def measure_train(spec: ModelSpec, variant: Variant, batch: int, settings: Setti
     row.images_per_s, row.achieved_tflops, row.mfu = throughput(batch, row.step_ms, count,
                                                                 peak_tflops[variant.precision])
     return row
+
+
+def peak_after_steps(spec: ModelSpec, variant: Variant, batch: int, settings: Settings, device: torch.device) -> float:
+    """Peak allocated GiB of two training steps at ``batch`` (raises ``torch.cuda.OutOfMemoryError``
+    when they do not fit); the configuration's memory is freed before returning."""
+    step = None
+    try:
+        with isolated(device, variant) as memory:
+            step = TrainStep(spec, variant, batch, device, settings.compile_backend)
+            step()
+            step()
+            synchronize(device)
+            return memory.read()[0]
+    finally:
+        del step
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def measure_sample(spec: ModelSpec, variant: Variant, settings: Settings, device: torch.device,
@@ -218,6 +274,7 @@ def measure_sample(spec: ModelSpec, variant: Variant, settings: Settings, device
         with isolated(device, variant) as memory:
             sampler = Sampler(spec, variant, batch, device, settings.sample_steps, cfg_scale,
                               settings.compile_backend)
+            row.residual_dtype = sampler.residual_dtype
             sampler(num_steps=2)
             times = time_calls(sampler, device, 0, settings.sample_reps)
             row.peak_allocated_gib, row.peak_reserved_gib = memory.read()
@@ -230,13 +287,31 @@ def measure_sample(spec: ModelSpec, variant: Variant, settings: Settings, device
     return row
 
 
-def add_ratios(rows: list[TrainRow] | list[SampleRow], baseline_of: Callable[[Row], str]) -> None:
-    """Set each row's ratios against the row whose id is ``baseline_of(row)`` (None if it failed)."""
-    by_id = {row.id: row for row in rows}
+def add_ratios(rows: list[TrainRow] | list[SampleRow], device_type: str) -> None:
+    """Set each row's baseline, the aspect it compares and, when the measured policies differ in
+    that aspect only, its ratios (``benchmarks/policy.py``). A guided sampling row of the plain
+    ``dit`` is compared with ``dit`` unguided (same policy; guidance doubles the network's batch)."""
+    def key(row: Row, variant: str, cfg: float | None) -> tuple:
+        return row.model, row.batch, variant, cfg
+
+    by_key = {key(row, row.variant, getattr(row, "cfg_scale", None)): row for row in rows}
     for row in rows:
-        base = by_id[baseline_of(row)]
-        row.baseline = base.id
-        if row.status != "ok" or base.status != "ok":
+        cfg = getattr(row, "cfg_scale", None)
+        found = intended_baseline(Variant.parse(row.variant, device_type), device_type)
+        if found is not None:
+            base_key, aspect = key(row, found[0].name, cfg), found[1]
+        elif cfg not in (None, 1.0):
+            base_key, aspect = key(row, row.variant, 1.0), "guidance"
+        else:
+            base_key, aspect = key(row, row.variant, cfg), None
+        base = by_key.get(base_key)
+        row.baseline, row.baseline_variant = (None, None) if base is None else (base.id, base.variant)
+        if row.status != "ok":
+            continue
+        ok_base = base is not None and base.status == "ok"
+        verdict = compare(row.policy(), base.policy() if ok_base else None, aspect)
+        row.compared, row.comparison = verdict.aspect, verdict.note
+        if not ok_base or not verdict.ok:
             continue
         row.speedup_vs_baseline = row.images_per_s / base.images_per_s
         if isinstance(row, TrainRow):
@@ -247,8 +322,9 @@ def run(settings: Settings, command: str, log: Callable[[str], None] = lambda me
     """Measure everything ``settings`` asks for; returns the report (a JSON-ready dict)."""
     device = prepare(settings)
     specs = [ModelSpec.parse(name) for name in settings.models]
-    variants = parse_variants(settings.variants, device.type)
-    sample_variants = parse_variants(settings.sample_variants, device.type, sampling=True) \
+    variants = with_same_policy_baselines(parse_variants(settings.variants, device.type), device.type)
+    sample_variants = with_same_policy_baselines(
+        parse_variants(settings.sample_variants, device.type, sampling=True), device.type) \
         if settings.sample_variants else []
     report = {"schema": SCHEMA, "run_id": uuid.uuid4().hex, "command": command,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -271,7 +347,7 @@ def run(settings: Settings, command: str, log: Callable[[str], None] = lambda me
                     f"{row.images_per_s:9.2f} img/s  {row.peak_allocated_gib:7.2f} GiB  MFU {row.mfu:6.1%}"
                     if row.status == "ok" else row.status))
                 train_rows.append(row)
-    add_ratios(train_rows, lambda row: f"train/{row.model}/b{row.batch}/{BASELINE}")
+    add_ratios(train_rows, device.type)
 
     sample_rows: list[SampleRow] = []
     for spec in specs:
@@ -281,8 +357,39 @@ def run(settings: Settings, command: str, log: Callable[[str], None] = lambda me
                 log(f"sample {spec.name:7} b{row.batch:<4} {variant.name:36} cfg {cfg_scale:<4g} " + (
                     f"{row.images_per_s:9.2f} img/s" if row.status == "ok" else row.status))
                 sample_rows.append(row)
-    add_ratios(sample_rows, lambda row: f"sample/{row.model}/b{row.batch}/{BASELINE}/cfg1")
+    add_ratios(sample_rows, device.type)
 
     report["train"] = [asdict(row) for row in train_rows]
     report["sample"] = [asdict(row) for row in sample_rows]
+    report["sweep"], report["max_batch"] = sweep(settings, specs[0], device, peak_tflops, flops, log)
     return report
+
+
+def sweep(settings: Settings, spec: ModelSpec, device: torch.device, peak_tflops: dict[str, float], flops: dict,
+          log: Callable[[str], None]) -> tuple[list[dict], list[dict]]:
+    """The batch sweep of ``spec`` (every sweep variant at each batch in turn, so that drift hits them
+    alike; ratios as in the main table) and, with a memory budget (CUDA), each variant's largest
+    batch within it, found by trying. Returns (sweep rows, largest-batch records)."""
+    if not settings.sweep_batches:
+        return [], []
+    variants = with_same_policy_baselines(parse_variants(settings.sweep_variants, device.type), device.type)
+    for precision in {v.precision for v in variants} - set(peak_tflops):
+        peak_tflops[precision] = matmul_peak_tflops(device, precision, settings.matmul_size, reps=10)
+    rows: list[TrainRow] = []
+    for batch in settings.sweep_batches:
+        for variant in variants:
+            row = measure_train(spec, variant, batch, settings, device, peak_tflops, flops)
+            log(f"sweep  {spec.name:7} b{batch:<4} {variant.name:36} " + (
+                f"{row.images_per_s:9.2f} img/s  {row.peak_allocated_gib:7.2f} GiB" if row.status == "ok" else row.status))
+            rows.append(row)
+    add_ratios(rows, device.type)
+    largest = []
+    if settings.memory_budget_gib:
+        for variant in variants:
+            fits = fits_by_trying(lambda b, v=variant: peak_after_steps(spec, v, b, settings, device),
+                                  settings.memory_budget_gib)
+            batch, tries = largest_batch(fits, start=settings.sweep_batches[0], limit=MAX_BATCH_LIMIT)
+            log(f"largest batch within {settings.memory_budget_gib:.1f} GiB: {variant.name} {batch} (tried {tries})")
+            largest.append({"model": spec.name, "variant": variant.name, "budget_gib": settings.memory_budget_gib,
+                            "largest_batch": batch, "limit": MAX_BATCH_LIMIT, "tries": tries})
+    return [asdict(row) for row in rows], largest

@@ -1,17 +1,18 @@
 """Training-step and sampler throughput as pytest-benchmark cases (options: ``benchmarks/conftest.py``).
 
-Each case's ``extra_info`` holds images/s, peak allocated/reserved GiB, model FLOPs and MACs per
-image, MFU against the measured matmul peak, and the ratios to the baseline ``dit`` measured
-earlier in the same session (the baseline is parametrized first; deselect it and the ratios are
-left out); a summary table of them ends the run. Full reports (JSON, markdown, charts) are
+Each case's ``extra_info`` holds its policy (autocast, measured residual-stream dtype), images/s,
+peak allocated/reserved GiB, model FLOPs and MACs per image, MFU against the measured matmul peak,
+and, for MaskDiT, the ratios to the DiT of the same policy measured earlier in the same session
+(it is parametrized first; deselect it and the ratios are left out; a different measured residual
+dtype refuses them); a summary table of them ends the run. Full reports (JSON, markdown, charts) are
 ``python -m benchmarks.report``'s job.
 """
 from __future__ import annotations
 
 import torch
 
-from benchmarks.configs import BASELINE
 from benchmarks.measure import count_flops, synchronize
+from benchmarks.policy import AUTOCAST
 from benchmarks.run import isolated, throughput
 from benchmarks.workloads import Sampler, TrainStep
 
@@ -35,11 +36,13 @@ def test_train_step(request, benchmark, train_case, bench_settings, matmul_peak,
         return
     step_ms = benchmark.stats.stats.median * 1e3
     images_per_s, achieved, mfu = throughput(batch, step_ms, flops, matmul_peak(variant.precision))
-    info = {"variant": variant.name, "precision": variant.precision, "step_ms": step_ms,
+    info = {"variant": variant.name, "precision": variant.precision, "autocast": AUTOCAST[variant.precision],
+            "residual_dtype": step.residual_dtype, "step_ms": step_ms,
             "images_per_s": images_per_s, "peak_allocated_gib": allocated, "peak_reserved_gib": reserved,
             "fwd_flops_per_image": flops.forward, "fwd_macs_per_image": flops.forward / 2,
             "train_flops_per_image": flops.train, "achieved_tflops": achieved, "mfu": mfu}
-    record(request.node.name, ("train", spec.name, batch), variant.name == BASELINE, info)
+    policy = (variant.kernels, variant.attention, variant.compile, variant.precision)
+    record(request.node.name, ("train", spec.name, batch, policy), variant.arch == "dit", info)
     benchmark.extra_info.update(info)
 
 
@@ -62,8 +65,10 @@ def test_sampler(request, benchmark, sample_case, bench_settings, record):
     if benchmark.stats is None:
         return
     run_s = benchmark.stats.stats.median
-    info = {"variant": variant.name, "precision": variant.precision, "cfg_scale": cfg_scale,
+    info = {"variant": variant.name, "precision": variant.precision, "autocast": AUTOCAST[variant.precision],
+            "residual_dtype": sampler.residual_dtype, "cfg_scale": cfg_scale,
             "num_steps": bench_settings.sample_steps, "nfe": 2 * bench_settings.sample_steps - 1, "run_s": run_s,
             "images_per_s": batch / run_s, "peak_allocated_gib": allocated, "peak_reserved_gib": reserved}
-    record(request.node.name, ("sample", spec.name, batch), variant.name == BASELINE and cfg_scale == 1.0, info)
+    policy = (variant.kernels, variant.attention, variant.compile, variant.precision, cfg_scale)
+    record(request.node.name, ("sample", spec.name, batch, policy), variant.arch == "dit", info)
     benchmark.extra_info.update(info)

@@ -1,5 +1,5 @@
-"""The report CLI in its tiny CPU mode: structure of the JSON, the markdown and the charts, and
-every ratio taken from rows of the same run."""
+"""The report CLI in its tiny CPU mode: structure of the JSON, the markdown and the charts, every
+ratio taken from rows of the same run that differ in one aspect, and the batch sweep."""
 from __future__ import annotations
 
 import json
@@ -16,13 +16,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 ROW_FIELDS = {"id", "model", "batch", "variant", "arch", "mask_ratio", "kernels", "attention", "compile",
               "precision", "status", "images_per_s", "peak_allocated_gib", "peak_reserved_gib", "baseline",
-              "speedup_vs_baseline"}
+              "speedup_vs_baseline", "autocast", "residual_dtype", "baseline_variant", "compared", "comparison"}
 TRAIN_FIELDS = ROW_FIELDS | {"step_ms", "step_ms_all", "fwd_flops_per_image", "fwd_macs_per_image",
-                             "train_flops_per_image", "achieved_tflops", "mfu", "memory_vs_baseline"}
+                             "dit_paper_gflops_per_image", "train_flops_per_image", "achieved_tflops", "mfu",
+                             "memory_vs_baseline"}
 SAMPLE_FIELDS = ROW_FIELDS | {"cfg_scale", "num_steps", "nfe", "run_s", "run_s_all"}
 # The tiny mode's training variants: every code path (kernels, attention, compile, bf16, masks).
 TINY_VARIANTS = ["dit", "dit+kernels", "dit+reference", "dit+kernels+compile", "dit+bf16", "mask50",
-                 "mask50+kernels", "mask25", "mask75+kernels", "mask50+kernels+compile"]
+                 "mask50+kernels", "mask25", "mask75+kernels", "mask50+kernels+compile", "mask50+bf16"]
+POLICY = {"arch": lambda r: r["variant"].split("+")[0], "precision": lambda r: (r["autocast"], r["residual_dtype"]),
+          "attention": lambda r: r["attention"], "kernels": lambda r: r["kernels"], "compile": lambda r: r["compile"]}
 
 
 def close(a: float, b: float) -> bool:
@@ -46,7 +49,7 @@ def report(tiny_report) -> dict:
 
 
 def test_header_names_the_machine_software_commit_and_command(report):
-    assert report["schema"] == "maskdit_fast-benchmarks/1"
+    assert report["schema"] == "maskdit_fast-benchmarks/2"
     assert re.fullmatch(r"[0-9a-f]{32}", report["run_id"])
     assert report["command"].startswith("python -m benchmarks.report --tiny")
     assert report["device"]["type"] == "cpu" and report["device"]["name"]
@@ -88,20 +91,36 @@ def test_flops_are_consistent(report):
     assert rows["dit+kernels"]["fwd_flops_per_image"] == dit  # kernels change no model FLOP
 
 
-def test_every_ratio_divides_by_a_row_of_the_same_run(report):
-    for kind in ("train", "sample"):
+def test_every_ratio_divides_by_a_row_of_the_same_run_that_differs_in_one_aspect(report):
+    for kind in ("train", "sample", "sweep"):
         by_id = {row["id"]: row for row in report[kind]}
         assert len(by_id) == len(report[kind])
         for row in report[kind]:
+            assert row["autocast"] == {"fp32": "off", "bf16": "bf16"}[row["precision"]]
+            assert row["residual_dtype"] in ("float32", "bfloat16", "bfloat16/float32")
             base = by_id[row["baseline"]]  # the baseline is a row of this report, hence of this run
-            assert (base["variant"], base["model"], base["batch"]) == ("dit", row["model"], row["batch"])
+            assert (base["model"], base["batch"], base["variant"]) == (row["model"], row["batch"],
+                                                                      row["baseline_variant"])
+            differ = [aspect for aspect, value in POLICY.items() if value(row) != value(base)]
+            if row["comparison"]:  # refused: the measured policies differ in more than the compared aspect
+                assert row["speedup_vs_baseline"] is None and len(differ) > 1
+                continue
+            assert differ == ([] if row["compared"] in (None, "guidance") else [row["compared"]])
             assert close(row["speedup_vs_baseline"], row["images_per_s"] / base["images_per_s"])
-            if kind == "train":
+            if kind != "sample":
                 assert close(row["memory_vs_baseline"], row["peak_allocated_gib"] / base["peak_allocated_gib"])
-            else:
-                assert base["cfg_scale"] == 1.0
+            if row["arch"] == "maskdit":
+                assert base["arch"] == "dit" and row["compared"] == "arch"
             if row["id"] == base["id"]:
-                assert row["speedup_vs_baseline"] == 1.0
+                assert row["speedup_vs_baseline"] == 1.0 and row["variant"] == "dit"
+
+
+def test_the_residual_stream_dtype_is_measured(report):
+    rows = {row["variant"]: row for row in report["train"]}
+    assert rows["dit"]["residual_dtype"] == "float32"  # fp32 policy: nothing else possible
+    assert rows["mask50+bf16"]["residual_dtype"] in ("float32", "bfloat16")
+    if rows["mask50+bf16"]["residual_dtype"] != rows["dit+bf16"]["residual_dtype"]:
+        assert rows["mask50+bf16"]["speedup_vs_baseline"] is None
 
 
 def test_sampling_rows_cover_guidance(report):
@@ -122,14 +141,29 @@ def test_markdown_shows_every_row_with_its_ratios(tiny_report, report):
     lines = text.splitlines()
     for row in report["train"]:
         line = next(line for line in lines if line.startswith(f"| `{row['variant']}` |"))
-        assert f"{row['speedup_vs_baseline']:.2f}×" in line and f"{row['memory_vs_baseline']:.2f}×" in line
+        assert f"| {row['autocast']} | {row['residual_dtype']} | {row['attention']} |" in line
+        if row["comparison"]:
+            assert "⚠ **no ratio**" in line and f"no ratio for `{row['variant']}`" in text
+        else:
+            assert f"{row['speedup_vs_baseline']:.2f}×" in line and f"{row['memory_vs_baseline']:.2f}×" in line
         assert f"{row['mfu']:.1%}" in line
     for row in report["sample"]:
         assert any(f"`{row['variant']}`" in line and f"{row['speedup_vs_baseline']:.2f}×" in line for line in lines)
 
 
+def test_the_batch_sweep_measures_dit_and_maskdit_at_every_batch(tiny_report, report):
+    rows = report["sweep"]
+    assert [(r["variant"], r["batch"]) for r in rows] == [(v, b) for b in (1, 4) for v in ("dit", "mask50")]
+    assert all(r["status"] == "ok" and r["images_per_s"] > 0 and r["model"] == "tiny/2" for r in rows)
+    assert report["max_batch"] == []  # no largest-batch search on a CPU
+    text = (tiny_report[0] / "report.md").read_text()
+    masked = {r["batch"]: r["speedup_vs_baseline"] for r in rows if r["variant"] == "mask50"}
+    sentence = next(line for line in text.splitlines() if line.startswith("- `mask50`"))
+    assert all(f"{ratio:.2f}× at {batch}" in sentence for batch, ratio in masked.items())
+
+
 def test_charts_are_written(tiny_report):
     out, _ = tiny_report
-    for name in ("throughput.png", "memory.png", "sampling.png"):
+    for name in ("throughput.png", "memory.png", "sampling.png", "sweep.png"):
         data = (out / name).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000, name
