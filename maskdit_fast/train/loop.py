@@ -204,7 +204,9 @@ class Run:
     ``run_config``: what is saved with every state and checked on resume (the config as a dict, plus
     e.g. the DyDiT fine-tune's ``init``); ``raw``/``ema``: the network (initialised) and its EMA;
     ``param_groups(raw)``: AdamW groups (an ``lr_scale`` entry scales a group's learning rate), called
-    after sharding; ``build``: a fresh unsharded network (rank 0 gathers a sharded EMA into it)."""
+    after sharding; ``build``: a fresh unsharded network (rank 0 gathers a sharded EMA into it);
+    ``after_step(step, ema_net)`` (one process only): called after every step, outside the img/s clock;
+    True ends the run after that step, without a final checkpoint (wall-clock-budgeted runs)."""
 
     cfg: Config
     run_config: dict[str, Any]
@@ -217,6 +219,7 @@ class Run:
     step_values: Callable[[int], dict[str, float]] = lambda step: {}
     sample: Callable[[int, nn.Module], None] | None = None
     desc: str = "train"
+    after_step: Callable[[int, nn.Module], bool] | None = None
 
 
 def train_loop(run: Run, out_dir: Path, env: Dist, data, precision: str, accumulation: int, state_path: Path | None,
@@ -352,7 +355,10 @@ def train_loop(run: Run, out_dir: Path, env: Dist, data, precision: str, accumul
             if ckpt_now:
                 checkpoint(done, ema_weights)
             barrier()
+        stop = run.after_step is not None and run.after_step(done, ema.model)
         window_start += time.perf_counter() - paused
+        if stop:
+            break
     if metrics_file is not None:
         metrics_file.close()
     data.close()

@@ -12,6 +12,7 @@ crashed run stopped: the final parameters equal those of an uninterrupted run.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,18 +34,15 @@ from .loop import LossFn, MicroBatch, Run, check_run_dir, learning_rate, replace
 
 log = logging.getLogger(__name__)
 __all__ = ["learning_rate", "select_device", "train"]
+StepHook = Callable[[int, torch.nn.Module], str | None]  # see train()
 
 
-def mask_ratio_at(cfg: Config, step: int) -> float:
-    """The model's mask ratio, 0 in the last ``train.unmasked_steps`` steps (the in-run unmasked fine-tune)."""
-    return cfg.model.mask_ratio if step < cfg.train.max_steps - cfg.train.unmasked_steps else 0.0
-
-
-def maskdit_objective(cfg: Config) -> LossFn:
-    """The MaskDiT / DiT objective for the loop: EDM DSM on kept patches + MAE on masked ones."""
+def maskdit_objective(cfg: Config, mask_ratio: Callable[[int], float]) -> LossFn:
+    """The MaskDiT / DiT objective for the loop: EDM DSM on kept patches + MAE on masked ones, with
+    ``mask_ratio(step)`` of the tokens masked."""
 
     def loss_fn(net: torch.nn.Module, batch: MicroBatch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        terms = edm_loss(net, batch.images, batch.labels, mask_ratio_at(cfg, step), cfg.loss, cfg.model)
+        terms = edm_loss(net, batch.images, batch.labels, mask_ratio(step), cfg.loss, cfg.model)
         return terms.loss.mean(), {"dsm": terms.dsm.mean(), "mae": terms.mae.mean()}
 
     return loss_fn
@@ -67,18 +65,24 @@ def _initialise_from(path: str, net, ema: EMA) -> None:
 
 
 def train(cfg: Config, out_dir: str | Path, resume: bool = False, init_from: str | None = None,
-          progress: bool = True) -> Path:
+          progress: bool = True, step_hook: StepHook | None = None) -> Path:
     """Train per ``cfg`` into ``out_dir``; returns the path of the final EMA safetensors.
 
     With ``train.parallel=ddp|fsdp`` every process launched by torchrun calls this; it joins the
     default process group (creating it from torchrun's environment, or a group of one in a plain
     ``python`` launch) and destroys it at the end if it created it.
+
+    ``step_hook(step, ema_network)`` (one process only), if given, runs after every step, outside the
+    img/s clock; it returns None, ``"unmask"`` (train unmasked from the next step on) or ``"stop"``
+    (end the run after this step, without a final checkpoint). ``benchmarks/time_to_quality.py``
+    drives wall-clock-budgeted runs with it.
     """
     with processes(cfg.train.parallel, cfg.train.device, "parallel=ddp or parallel=fsdp") as env:
-        return _train(cfg, Path(out_dir), env, resume, init_from, progress)
+        return _train(cfg, Path(out_dir), env, resume, init_from, progress, step_hook)
 
 
-def _train(cfg: Config, out_dir: Path, env: Dist, resume: bool, init_from: str | None, progress: bool) -> Path:
+def _train(cfg: Config, out_dir: Path, env: Dist, resume: bool, init_from: str | None, progress: bool,
+           step_hook: StepHook | None = None) -> Path:
     t = cfg.train
     device = env.device
     precision = resolve_precision(t.precision, device)
@@ -99,15 +103,29 @@ def _train(cfg: Config, out_dir: Path, env: Dist, resume: bool, init_from: str |
     if init_from and not resume:
         _initialise_from(init_from, raw, ema)
     run_config = config_to_dict(cfg)
+    unmasked_from = t.max_steps - t.unmasked_steps  # a step hook may start the unmasked phase earlier
+
+    def mask_ratio(step: int) -> float:
+        """The model's mask ratio, 0 in the last ``train.unmasked_steps`` steps (the in-run unmasked fine-tune)."""
+        return cfg.model.mask_ratio if step < unmasked_from else 0.0
+
+    def after_step(step: int, ema_net: torch.nn.Module) -> bool:
+        nonlocal unmasked_from
+        action = step_hook(step, ema_net)
+        if action == "unmask":
+            unmasked_from = min(unmasked_from, step)
+        return action == "stop"
+
     run = Run(
         cfg=cfg, run_config=run_config, raw=raw, ema=ema,
         param_groups=lambda net: [{"params": list(net.parameters())}],
-        loss_fn=maskdit_objective(cfg),
+        loss_fn=maskdit_objective(cfg, mask_ratio),
         export=lambda step, weights: save_safetensors(out_dir / "ema.safetensors", weights, cfg.model,
                                                       ema_metadata(run_config, step)),
         build=lambda: build_net(cfg.model),
-        step_values=lambda step: {"mask_ratio": mask_ratio_at(cfg, step)},
+        step_values=lambda step: {"mask_ratio": mask_ratio(step)},
         sample=lambda step, ema_net: write_sample_grid(cfg, ema_net, out_dir / "samples" / f"step-{step:07d}.png"),
+        after_step=None if step_hook is None else after_step,
     )
     train_loop(run, out_dir, env, data, precision, accumulation, state_path, progress)
     return out_dir / "ema.safetensors"

@@ -126,7 +126,7 @@ def test_the_residual_stream_dtype_is_measured(report):
 def test_sampling_rows_cover_guidance(report):
     rows = report["sample"]
     assert {(row["variant"], row["cfg_scale"]) for row in rows} == {
-        (v, c) for v in ("dit", "maskdit+kernels") for c in (1.0, 1.5)}
+        (v, c) for v in ("dit", "dit+kernels", "maskdit+kernels") for c in (1.0, 1.5)}  # dit+kernels: same policy
     for row in rows:
         assert set(row) == SAMPLE_FIELDS and row["status"] == "ok"
         assert row["nfe"] == 2 * row["num_steps"] - 1
