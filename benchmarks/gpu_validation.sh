@@ -9,6 +9,8 @@
 #                                             # report, DyDiT XL/2, loaders, XL/2 MaskDiT profile
 #   bash benchmarks/gpu_validation.sh more    # the rest of the suite on the GPU, kernels, B/2 + L/2,
 #                                             # DiT profile, MNIST bf16 runs, XL/2 torch.compile
+#   bash benchmarks/gpu_validation.sh sweep   # the batch sweep of DiT and MaskDiT (kernels off/on) at
+#                                             # XL/2 and each one's largest batch within 40 GiB
 #   bash benchmarks/gpu_validation.sh smoke   # CPU, tiny shapes: checks every command of this script
 #
 # Step limits add up to under 500 s per GPU phase. With the device tool: carry [".whl"] (omegaconf,
@@ -21,7 +23,7 @@
 # the named steps of the phase (e.g. to repeat one that failed).
 set -uo pipefail
 phase=${1:-core}
-case $phase in core|more|smoke) ;; *) echo "usage: $0 core|more|smoke" >&2; exit 2 ;; esac
+case $phase in core|more|sweep|smoke) ;; *) echo "usage: $0 core|more|sweep|smoke" >&2; exit 2 ;; esac
 OUT=${OUT:-$PWD/gpu-validation-out}
 GPU_VALIDATION_WORK=${GPU_VALIDATION_WORK:-/tmp/gpu-validation}
 WORK=$GPU_VALIDATION_WORK/$phase
@@ -152,7 +154,7 @@ core)
   step env 20 env_info
   step tests-kernels 110 $PY -m pytest -q -p no:cacheprovider "${XDIST[@]}" tests/kernels tests/dydit/test_tokens.py
   step report-xl2 130 $PY -m benchmarks.report --device cuda --models XL/2 --batch 64 \
-    --variants dit+kernels,mask50,mask50+kernels --sample-variants dit,maskdit+kernels \
+    --variants dit+kernels,mask50,mask50+kernels --sample-variants dit,maskdit+kernels --sweep-batch none \
     --warmup 5 --steps 20 --sample-steps 18 --sample-reps 3 --out "$WORK/report-xl2"
   step dydit-xl2 90 $PY benchmarks/dydit.py --size XL/2 --device cuda --n 64 --batch 64 --reps 3 \
     --out "$WORK/dydit-xl2"
@@ -167,13 +169,24 @@ more)
   step tests-rest 150 $PY -m pytest -q -p no:cacheprovider "${XDIST[@]}" tests --ignore tests/kernels
   step kernels-bf16 45 $PY -m benchmarks.kernels.bench --dtype bf16 --json "$WORK/kernels-bf16.json"
   step report-b2-l2 70 $PY -m benchmarks.report --device cuda --models B/2,L/2 --batch 64 \
-    --variants dit+kernels,mask50,mask50+kernels --sample-variants none --warmup 5 --steps 20 --out "$WORK/report-b2-l2"
+    --variants dit+kernels,mask50,mask50+kernels --sample-variants none --sweep-batch none --warmup 5 --steps 20 \
+    --out "$WORK/report-b2-l2"
   step profile-xl2-dit 45 $PY -m benchmarks.profile_step --device cuda --model XL/2 --variant dit+kernels \
     --batch 64 --out "$WORK/profile-xl2-dit+kernels"
   step mnist 100 mnist_runs 1200 500 ""
   step report-xl2-compiled 85 $PY -m benchmarks.report --device cuda --models XL/2 --batch 64 \
-    --variants dit+kernels+compile,mask50+kernels+compile --sample-variants none --warmup 5 --steps 20 \
-    --out "$WORK/report-xl2-compiled"
+    --variants dit+kernels+compile,mask50+kernels+compile --sample-variants none --sweep-batch none --warmup 5 \
+    --steps 20 --out "$WORK/report-xl2-compiled"
+  package
+  ;;
+sweep)
+  headline "$WORK/sweep-xl2/report.md" "^- .mask50"
+  headline "$WORK/max-batch-xl2/report.md" "^- largest batch"
+  step sweep-xl2 240 $PY -m benchmarks.report --device cuda --models XL/2 --batch 64 --variants dit \
+    --sample-variants none --sweep-batch 16,32,64,128,256 --memory-budget 0 --warmup 3 --steps 8 \
+    --out "$WORK/sweep-xl2"
+  step max-batch-xl2 240 $PY -m benchmarks.report --device cuda --models XL/2 --batch 16 --variants dit \
+    --sample-variants none --sweep-batch 64 --memory-budget 40 --warmup 1 --steps 2 --out "$WORK/max-batch-xl2"
   package
   ;;
 smoke)

@@ -116,7 +116,8 @@ def test_tiny_mode_end_to_end(tmp_path, mnist_classifier, mnist_cache):
     report = json.loads((out / "time_to_quality.json").read_text())
     assert report["metrics"] == ["accuracy", "frechet", "val_loss"] and report["settings"]["budget_s"] == 4.0
     for arch, run in report["runs"].items():
-        assert run["arch"] == arch and len(run["points"]) == 2
+        # 2 points at 2 s and 4 s of training; 1 when the first steps alone took over 4 s (a loaded machine)
+        assert run["arch"] == arch and 1 <= len(run["points"]) <= 2 and run["points"][-1]["train_s"] >= 4.0
         assert run["train_s"] >= 4.0 and run["train_s"] + run["eval_s"] <= run["wall_s"] + 1e-6
         assert run["images_seen"] == 8 * run["steps"] and run["points"][-1]["step"] == run["steps"]
         assert all(0 <= p["accuracy"] <= 1 and p["frechet"] > 0 and p["val_loss"] > 0 for p in run["points"])
