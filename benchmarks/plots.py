@@ -100,13 +100,15 @@ def plot_sweep(report: dict, path: Path) -> Path:
     titles = ("Training throughput", "Training peak memory" + (" (dotted: largest batch in budget)"
                                                                if report.get("max_batch") else ""),
               "MaskDiT speed over the DiT of its policy")
+    batches = sorted({row["batch"] for row in report["sweep"]})
     for ax, ylabel, title in zip(axes, ("images / s", memory_label, "× images / s"), titles):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
         ax.set_xlabel("per-device batch")
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7, frameon=False)
-    axes[0].set_yscale("log", base=2)
+    axes[0].set_yscale("log")
     fig.suptitle(f"Batch sweep, {report['sweep'][0]['model']}: {report['device']['name']}", fontsize=9)
     fig.savefig(path, dpi=120)
     plt.close(fig)

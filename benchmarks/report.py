@@ -61,7 +61,7 @@ def _train_table(rows: list[dict]) -> list[str]:
              "|---|---|---|---|---|---|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| `{r['variant']}` | {_policy_cells(r)} | **{r['status']}** |" + " |" * 12)
+            lines.append(f"| `{r['variant']}` | {_policy_cells(r)} | **{r['status']}** |" + " |" * 11)
             continue
         lines.append(
             f"| `{r['variant']}` | {_policy_cells(r)} | {_fmt(r['step_ms'], '.4g')} | {_fmt(r['images_per_s'], '.4g')} "

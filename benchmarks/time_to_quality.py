@@ -185,6 +185,7 @@ class BudgetHook:
         self.unmasked_from: int | None = None
         self.residual_dtype: str | None = None
         self.steps = 0
+        self.train_s = 0.0  # the training clock when the run stopped
         self.timer = timer
         self.start = timer()
 
@@ -209,6 +210,7 @@ class BudgetHook:
                                 "unmasked": self.unmasked_from is not None, **scores})
             self.log(f"  {now:8.1f} s  step {step:6d}  " + "  ".join(f"{k} {v:.4g}" for k, v in scores.items()))
         if now >= self.budget_s:
+            self.train_s = now
             return "stop"
         if self.unmask_at is not None and self.unmasked_from is None and now >= self.unmask_at:
             self.unmasked_from = step
@@ -244,14 +246,14 @@ def train_budgeted(base: Config, arch: str, out: Path, budget_s: float, evals: i
     cfg = run_config(base, arch)
     eval_at = [budget_s * (k + 1) / evals for k in range(evals)]
     unmask_at = budget_s * (1 - unmasked_share) if arch == "maskdit" and unmasked_share > 0 else None
-    hook = BudgetHook(evaluator, budget_s, eval_at, unmask_at, cfg.train.global_batch, cfg.model.mask_ratio, log)
     log(f"{arch}: training for {budget_s:g} s of training clock" +
         (f", unmasked from {unmask_at:g} s" if unmask_at is not None else ""))
     wall = time.perf_counter()
+    hook = BudgetHook(evaluator, budget_s, eval_at, unmask_at, cfg.train.global_batch, cfg.model.mask_ratio, log)
     train(cfg, out / arch, progress=progress, step_hook=hook)
     policy = policy_of(cfg, device, hook.residual_dtype, arch)
     return {"arch": arch, "model": config_to_dict(cfg)["model"], "policy": dataclasses.asdict(policy),
-            "steps": hook.steps, "images_seen": hook.steps * cfg.train.global_batch, "train_s": hook.clock(),
+            "steps": hook.steps, "images_seen": hook.steps * cfg.train.global_batch, "train_s": hook.train_s,
             "eval_s": hook.eval_s, "wall_s": time.perf_counter() - wall, "unmask_at_s": unmask_at,
             "unmasked_from_step": hook.unmasked_from, "points": hook.points}
 

@@ -49,3 +49,17 @@ def test_crossover_sentences():
     assert "appears between batch 8 (0.90×) and 16 (1.30×)" in text
     assert "vanishes between batch 32 (1.50×) and 64 (0.99×)" in text
     assert "no batch" in crossover([], "mask50", "dit")
+
+
+def test_the_real_step_function_measures_and_fits_on_a_cpu():
+    """peak_after_steps (two real training steps, their peak memory) drives the same search."""
+    from benchmarks.configs import ModelSpec, Variant
+    from benchmarks.run import peak_after_steps, resolve_settings
+
+    settings = resolve_settings(device="cpu", tiny=True)
+    spec, variant, cpu = ModelSpec.parse("tiny/2"), Variant.parse("mask50", "cpu"), torch.device("cpu")
+    assert 0 <= peak_after_steps(spec, variant, 2, settings, cpu) < 1
+    fits = fits_by_trying(lambda batch: peak_after_steps(spec, variant, batch, settings, cpu), budget_gib=4.0)
+    assert largest_batch(fits, start=2, limit=4) == (4, [(2, True), (4, True)])
+    assert largest_batch(fits_by_trying(lambda batch: peak_after_steps(spec, variant, batch, settings, cpu),
+                                        budget_gib=-1.0), start=2, limit=4)[0] == 0

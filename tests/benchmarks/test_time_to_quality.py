@@ -86,7 +86,7 @@ def test_the_budget_hook_evaluates_on_time_switches_masking_and_stops_with_evalu
         if actions[-1] == "stop":
             break
     assert actions.index("unmask") == 6 and actions.count("unmask") == 1  # step 7: 7 s of training
-    assert actions[-1] == "stop" and hook.steps == 10  # 10 s of training, whatever the evaluations took
+    assert actions[-1] == "stop" and hook.steps == 10 and hook.train_s == 10.0  # whatever the evaluations took
     assert [(p["step"], p["train_s"], p["images"], p["unmasked"]) for p in hook.points] == [
         (5, 5.0, 20, False), (10, 10.0, 40, True)]
     assert hook.eval_s == pytest.approx(1.0 + 2 * 5.0) and hook.unmasked_from == 7
