@@ -41,7 +41,7 @@ def _versus(row: dict) -> str:
     if row["status"] != "ok":
         return ""
     if row["comparison"]:
-        return f"⚠ **no ratio**: vs `{base}` {row['comparison']}" if base else f"⚠ **no ratio**: {row['comparison']}"
+        return f"⚠ **no ratio**: {'vs `' + base + '` ' if base else ''}{row['comparison']}"
     if row["compared"] is None:
         return "(baseline)"
     return f"`{base}` ({row['compared']})"
@@ -57,7 +57,8 @@ POLICY_HEAD = "autocast | residual | attention | kernels | compile"
 
 def _train_table(rows: list[dict]) -> list[str]:
     lines = [f"| variant | {POLICY_HEAD} | step ms | img/s | compared with (one change) | × img/s | peak alloc GiB "
-             "| × memory | peak reserved GiB | fwd GFLOPs/img | DiT-paper GFLOPs/img | train GFLOPs/img | TFLOP/s | MFU |",
+             "| × memory | peak reserved GiB | fwd GFLOPs/img | DiT-paper GFLOPs/img | train GFLOPs/img | TFLOP/s "
+             "| MFU |",
              "|---|---|---|---|---|---|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
         if r["status"] != "ok":
@@ -140,8 +141,8 @@ def _sweep_section(report: dict) -> list[str]:
     lines += ["", *[f"- {line}" for line in sweep_crossovers(rows)], *refusals(rows)]
     if report["max_batch"]:
         budget = report["max_batch"][0]["budget_gib"]
-        found = ", ".join(f"`{m['variant']}` {m['largest_batch']}" + (" (the search limit)" * (m['largest_batch'] == m['limit']))
-                          for m in report["max_batch"])
+        found = ", ".join(f"`{m['variant']}` {m['largest_batch']}"
+                          + " (the search limit)" * (m["largest_batch"] == m["limit"]) for m in report["max_batch"])
         lines.append(f"- largest batch within {budget:.1f} GiB (found by trying, to within 1/16): {found}")
     elif report["device"]["type"] != "cuda":
         lines.append("- largest batch in a memory budget: searched on CUDA only (a CPU has no out-of-memory "

@@ -118,7 +118,8 @@ def resolve_settings(device: str = "auto", tiny: bool = False, models: str | Non
     parse_variants(settings.variants, device)
     parse_variants(settings.sample_variants, device, sampling=True)
     parse_variants(settings.sweep_variants, device)
-    if min(batches + sweep_batches + [settings.steps, settings.sample_batch, settings.sample_reps, settings.sample_steps]) < 1 \
+    counts = [settings.steps, settings.sample_batch, settings.sample_reps, settings.sample_steps]
+    if min(batches + sweep_batches + counts) < 1 \
             or settings.warmup < 0:
         raise ValueError("batch sizes, steps and repetitions must be positive (warm-up >= 0)")
     return settings
@@ -379,8 +380,8 @@ def sweep(settings: Settings, spec: ModelSpec, device: torch.device, peak_tflops
     for batch in settings.sweep_batches:
         for variant in variants:
             row = measure_train(spec, variant, batch, settings, device, peak_tflops, flops)
-            log(f"sweep  {spec.name:7} b{batch:<4} {variant.name:36} " + (
-                f"{row.images_per_s:9.2f} img/s  {row.peak_allocated_gib:7.2f} GiB" if row.status == "ok" else row.status))
+            measured = f"{row.images_per_s:9.2f} img/s  {row.peak_allocated_gib:7.2f} GiB" if row.status == "ok" else ""
+            log(f"sweep  {spec.name:7} b{batch:<4} {variant.name:36} " + (measured or row.status))
             rows.append(row)
     add_ratios(rows, device.type)
     largest = []

@@ -171,8 +171,9 @@ class Evaluator:
 
 class BudgetHook:
     """The trainer's step hook of one budgeted run: the training clock (wall time since the hook was
-    made, just before ``train`` builds the model and data, minus the time spent here evaluating), evaluation at ``eval_at`` seconds of it, the
-    switch to unmasked training at ``unmask_at`` (None: never), the stop at ``budget_s``."""
+    made, just before ``train`` builds the model and data, minus the time spent here evaluating),
+    evaluation at ``eval_at`` seconds of it, the switch to unmasked training at ``unmask_at`` (None:
+    never), the stop at ``budget_s``. Called after each step with (step, EMA network)."""
 
     def __init__(self, evaluator: Evaluator, budget_s: float, eval_at: list[float], unmask_at: float | None,
                  batch: int, mask_ratio: float, log: Callable[[str], None] = lambda message: None,
@@ -285,7 +286,8 @@ def markdown(report: dict) -> str:
              "| | |", "|---|---|",
              f"| machine | {report['device']['name']}, {report['device']['platform']} |",
              f"| software | torch {report['versions']['torch']}, Python {report['versions']['python']} |",
-             f"| commit | {(report['git']['commit'] or 'unknown')[:12]}{' + uncommitted changes' * bool(report['git']['dirty'])} |",
+             f"| commit | {(report['git']['commit'] or 'unknown')[:12]}"
+             f"{' + uncommitted changes' * bool(report['git']['dirty'])} |",
              f"| run | {report['created']} |",
              f"| budget | {s['budget_s']:g} s of training per model, {s['evals']} evaluations each "
              "(evaluation time kept out of the training clock) |",

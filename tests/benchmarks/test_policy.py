@@ -41,7 +41,8 @@ def test_each_variant_is_compared_with_the_one_that_differs_in_one_setting(name,
 
 
 def test_same_policy_dit_rows_are_added_before_the_maskdit_rows_that_need_them():
-    variants = with_same_policy_baselines(parse_variants(["mask50+kernels", "mask25+bf16", "dit+kernels"], "cpu"), "cpu")
+    names = ["mask50+kernels", "mask25+bf16", "dit+kernels"]
+    variants = with_same_policy_baselines(parse_variants(names, "cpu"), "cpu")
     assert [v.name for v in variants] == ["dit", "dit+kernels", "mask50+kernels", "dit+bf16", "mask25+bf16"]
 
 
