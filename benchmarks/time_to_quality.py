@@ -359,6 +359,8 @@ def plot(report: dict, path: Path) -> Path:
                                label="maskdit unmasked")
             if metric == target.metric:
                 ax.axhline(target.value, color="grey", linewidth=1, label=str(target))
+            if metric == "frechet":  # from thousands (noise) down to about 12 (real digits)
+                ax.set_yscale("log")
             ax.set_xlabel(label)
             ax.set_ylabel(metric)
             ax.legend(fontsize=7, frameon=False)
