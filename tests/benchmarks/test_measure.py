@@ -6,9 +6,9 @@ import torch
 
 from benchmarks.configs import ModelSpec
 from benchmarks.measure import PeakMemory, count_flops, matmul_peak_tflops, residual_stream_dtype, time_calls
-from maskdit_fast.checkpoint import build_net
-from maskdit_fast.diffusion.loss import edm_loss
 from maskdit_fast.config import LossConfig
+from maskdit_fast.diffusion.edm import build_net
+from maskdit_fast.diffusion.loss import edm_loss
 from maskdit_fast.models.layers import DiTBlock
 
 # Forward "Gflops" per image in the DiT paper (Peebles & Xie; fvcore counts a multiply-add as one FLOP).
@@ -43,9 +43,10 @@ def test_dit_xl2_figures_in_both_conventions():
 
 def test_the_residual_stream_dtype_is_read_from_the_blocks():
     torch.manual_seed(0)
-    net = build_net(ModelSpec.parse("tiny/2").config("maskdit", 0.5))
+    cfg = ModelSpec.parse("tiny/2").config("maskdit", 0.5)
+    net = build_net(cfg)
     x, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
-    assert residual_stream_dtype(net, lambda: edm_loss(net, x, y, 0.5, LossConfig())) == "float32"
+    assert residual_stream_dtype(net, lambda: edm_loss(net, x, y, 0.5, LossConfig(), cfg)) == "float32"
     assert not net.model.blocks[0]._forward_hooks  # the probe's hooks are gone
 
     block = DiTBlock(16, 2, 16)
