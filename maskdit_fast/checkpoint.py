@@ -1,7 +1,8 @@
 """Sampling checkpoints: one safetensors file of EMA weights with the model config in its metadata.
 
-``load_checkpoint(path)`` returns an :class:`EDMPrecond` in eval mode, ready for
-``net(x, sigma, class_labels=None, cfg_scale=None)``. It also reads a training state
+``load_checkpoint(path)`` returns an :class:`EDMPrecond` in eval mode (a :class:`DDPMPrecond`, the
+same denoiser interface, for ``model.diffusion=ddpm`` networks such as converted official DiTs), ready
+for ``net(x, sigma, class_labels=None, cfg_scale=None)``. It also reads a training state
 (``checkpoints/step-*/``, sharded, or an earlier version's ``step-*.pt``), taking its EMA weights.
 
 Export a training state (or a run's newest one) to the single file ``sample.py`` reads::
@@ -67,8 +68,8 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelCo
         metadata = f.metadata() or {}
         if metadata.get("format") != FORMAT:
             raise ValueError(f"{path} is not a maskdit_fast checkpoint (metadata format={metadata.get('format')!r}); "
-                             "official MaskDiT .pt files must be converted first: "
-                             "python -m maskdit_fast.convert official-maskdit IN.pt OUT.safetensors")
+                             "official MaskDiT / DiT .pt files must be converted first: "
+                             "python -m maskdit_fast.convert official-maskdit|official-dit IN.pt OUT.safetensors")
         state = {k: f.get_tensor(k) for k in f.keys()}
     return state, model_config_from_dict(json.loads(metadata["model_config"])), metadata
 

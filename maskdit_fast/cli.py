@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, load_config
+from .config import SOLVERS, ConfigError, load_config
 from .errors import USER_ERRORS
 
 
@@ -83,11 +83,17 @@ def sample_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ckpt", required=True, help="EMA .safetensors (or a training state checkpoints/step-*)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--n", type=int, default=64, help="number of images (default 64)")
-    parser.add_argument("--steps", type=int, default=None, help="EDM time steps (default: the checkpoint's config, else 18)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sampling steps: EDM time steps, or DDPM/DDIM steps out of 1000 "
+                             "(default: the checkpoint's config, else 18)")
     parser.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: the checkpoint's config)")
     parser.add_argument("--class", dest="class_index", type=int, default=None, help="sample only this class")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i")
-    parser.add_argument("--solver", choices=("heun", "euler"), default=None)
+    parser.add_argument("--sampler", "--solver", dest="solver", choices=SOLVERS, default=None,
+                        help="heun | euler (EDM) | ddpm (ancestral, DiT's) | ddim (default: the checkpoint's)")
+    parser.add_argument("--guidance", choices=("standard", "dit"), default=None,
+                        help="standard: guide every eps channel; dit: the official DiT's first 3 channels "
+                             "(DDPM checkpoints; default: the checkpoint's)")
     parser.add_argument("--batch", type=int, default=64, help="images per network batch (per process)")
     parser.add_argument("--vae", default=None, help="AutoencoderKL id or local folder to decode latent models")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
@@ -109,7 +115,8 @@ def sample_main(argv: list[str] | None = None) -> int:
         if args.n < world:
             parser.error(f"--n {args.n} is smaller than the {world} processes")
         try:
-            opened = open_for_sampling(args.ckpt, device, args.steps, args.cfg_scale, args.solver, args.vae)
+            opened = open_for_sampling(args.ckpt, device, args.steps, args.cfg_scale, args.solver, args.vae,
+                                       args.guidance)
             seeds = list(range(args.seed, args.seed + args.n))
             labels = seed_labels(seeds, opened.net.num_classes, args.class_index)
         except (FileNotFoundError, ValueError) as err:

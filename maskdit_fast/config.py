@@ -61,6 +61,10 @@ class ModelConfig:
     decoder_num_heads: int = 16
     mask_ratio: float = 0.5            # fraction of tokens hidden from the encoder in training
     sigma_data: float = 0.5            # EDM
+    diffusion: str = "edm"             # what the network is trained as: edm (MaskDiT: F of EDM's preconditioning) |
+                                       # ddpm (DiT: eps from x_t at step index t of DiT's 1000-step linear schedule)
+    learn_sigma: bool = False          # ddpm: the final layer also outputs the learned-variance values (2C channels)
+    null_class: str = "zero"           # no-class embedding: zero (MaskDiT) | learned (DiT: table row num_classes)
     kernels: str = "auto"              # auto | triton | reference
 
     def __post_init__(self) -> None:
@@ -94,7 +98,16 @@ class ModelConfig:
                      "model.decoder_hidden_size",
                      f"{self.decoder_hidden_size} must be a multiple of 4 and of decoder_num_heads={self.decoder_num_heads}")
         _require(self.sigma_data > 0, "model.sigma_data", "must be positive")
+        _one_of(self.diffusion, "model.diffusion", ("edm", "ddpm"))
+        _require(not self.learn_sigma or self.diffusion == "ddpm", "model.learn_sigma",
+                 "a learned variance needs model.diffusion=ddpm (EDM samplers do not use one)")
+        _one_of(self.null_class, "model.null_class", ("zero", "learned"))
         _one_of(self.kernels, "model.kernels", ("auto", "triton", "reference"))
+
+    @property
+    def out_channels(self) -> int:
+        """Output channels of the raw network: C, or 2C with a learned variance (eps, then variance values)."""
+        return self.in_channels * (2 if self.learn_sigma else 1)
 
 
 @dataclass
@@ -222,11 +235,18 @@ class TrainConfig:
         _one_of(self.nonfinite, "train.nonfinite", ("stop", "skip"))
 
 
+SOLVERS = ("heun", "euler", "ddpm", "ddim")
+
+
 @dataclass
 class SampleConfig:
-    num_steps: int = 40                # EDM time steps (Heun uses 2*steps-1 network evaluations)
-    solver: str = "heun"               # heun | euler
+    num_steps: int = 40                # EDM time steps (Heun uses 2*steps-1 network evaluations); ddpm / ddim:
+                                       # steps respaced out of DiT's 1000 (the official sampling uses 250)
+    solver: str = "heun"               # heun | euler (EDM ODE) | ddpm (ancestral) | ddim (the --sampler flag)
     cfg_scale: float = 1.5             # classifier-free guidance; 1 = off
+    guidance: str = "standard"         # standard (every eps channel) | dit (the official DiT's: first 3 channels;
+                                       # DDPM-trained checkpoints only)
+    ddim_eta: float = 0.0              # ddim: 0 = deterministic
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
@@ -234,8 +254,10 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         _require(self.num_steps >= 1, "sample.num_steps", "must be >= 1")
-        _one_of(self.solver, "sample.solver", ("heun", "euler"))
+        _one_of(self.solver, "sample.solver", SOLVERS)
         _require(self.cfg_scale >= 0, "sample.cfg_scale", "must be >= 0")
+        _one_of(self.guidance, "sample.guidance", ("standard", "dit"))
+        _require(self.ddim_eta >= 0, "sample.ddim_eta", "must be >= 0")
         _require(0 < self.sigma_min < self.sigma_max, "sample.sigma_min", "needs 0 < sigma_min < sigma_max")
         _require(self.rho > 0, "sample.rho", "must be positive")
         _require(self.grid_per_class >= 1, "sample.grid_per_class", "must be >= 1")

@@ -1,6 +1,7 @@
 """Import official MaskDiT checkpoints (Anima-Lab/MaskDiT ``torch.save`` dicts) as safetensors.
 
     python -m maskdit_fast.convert official-maskdit IN.pt OUT.safetensors [--weights ema|model]
+    python -m maskdit_fast.convert official-dit DiT-XL-2-256x256.pt OUT.safetensors   (see convert_dit)
 
 The file is read with a restricted unpickler that rebuilds tensors and plain containers only;
 any other pickled object (e.g. the ``argparse.Namespace`` of the training arguments) becomes an
@@ -164,14 +165,23 @@ def main(argv: list[str] | None = None) -> int:
     official.add_argument("--weights", choices=("ema", "model"), default="ema")
     official.add_argument("--num-heads", type=int, default=None)
     official.add_argument("--decoder-num-heads", type=int, default=None)
+    dit = sub.add_parser("official-dit", help="official DiT .pt (facebookresearch/DiT) -> safetensors")
+    dit.add_argument("src")
+    dit.add_argument("dst")
+    dit.add_argument("--weights", choices=("ema", "model"), default="ema", help="for a DiT training checkpoint")
+    dit.add_argument("--num-heads", type=int, default=None)
     args = parser.parse_args(argv)
     if not Path(args.src).is_file():
         parser.error(f"{args.src}: no such file")
     try:
-        cfg = convert_official(args.src, args.dst, args.weights, args.num_heads, args.decoder_num_heads)
+        if args.command == "official-dit":
+            from .convert_dit import convert_official_dit  # it builds on this module's reader
+            cfg = convert_official_dit(args.src, args.dst, args.weights, args.num_heads)
+        else:
+            cfg = convert_official(args.src, args.dst, args.weights, args.num_heads, args.decoder_num_heads)
     except ValueError as err:
         parser.error(str(err))
-    print(f"wrote {args.dst}: {cfg.arch} width {cfg.hidden_size} depth {cfg.depth} patch {cfg.patch_size} "
+    print(f"wrote {args.dst}: {cfg.arch} ({cfg.diffusion}) width {cfg.hidden_size} depth {cfg.depth} patch {cfg.patch_size} "
           f"input {cfg.in_channels}x{cfg.input_size}x{cfg.input_size}, {cfg.num_classes} classes")
     return 0
 

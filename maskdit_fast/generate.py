@@ -1,4 +1,4 @@
-"""Turning a trained network into images: per-sample seeded noise, batched EDM sampling, uint8
+"""Turning a trained network into images: per-sample seeded noise, batched EDM / DDPM / DDIM sampling, uint8
 images, PNG grids and ``.npz`` batches in the layout of ADM's evaluation suite (``arr_0``: uint8 NHWC).
 
 Image layouts (the rule is by dtype): uint8 data is always (N, H, W, C), floating-point data is always
@@ -17,6 +17,8 @@ from PIL import Image
 
 from .checkpoint import load_checkpoint, sample_settings
 from .config import Config, SampleConfig
+from .diffusion.ddpm_precond import DDPMPrecond
+from .diffusion.ddpm_samplers import ddim_sample, ddpm_sample, eps_model
 from .diffusion.edm import EDMPrecond
 from .diffusion.samplers import edm_sample
 from .models.precision import autocast_for
@@ -59,14 +61,19 @@ class Sampling:
 
 
 def open_for_sampling(ckpt: str | Path, device: torch.device, steps: int | None = None,
-                      cfg_scale: float | None = None, solver: str | None = None, vae: str | None = None) -> Sampling:
+                      cfg_scale: float | None = None, solver: str | None = None, vae: str | None = None,
+                      guidance: str | None = None) -> Sampling:
     """The one place that merges a checkpoint's sampler settings with a command line's (``sample.py`` and
     ``python -m maskdit_fast.eval generate``). Raises FileNotFoundError / ValueError (ConfigError
     included) with a message that says what to do."""
     net = load_checkpoint(ckpt, device)
     stored, ckpt_vae, latent_scale = sample_settings(ckpt)
-    overrides = {k: v for k, v in (("num_steps", steps), ("cfg_scale", cfg_scale), ("solver", solver)) if v is not None}
+    overrides = {k: v for k, v in (("num_steps", steps), ("cfg_scale", cfg_scale), ("solver", solver),
+                                   ("guidance", guidance)) if v is not None}
     sample_cfg = SampleConfig(**{**stored, **overrides})
+    if sample_cfg.guidance == "dit" and net.model.cfg.diffusion != "ddpm":
+        raise ValueError("--guidance dit (the official DiT's three guided channels) is for DDPM-trained "
+                         "checkpoints such as converted official DiTs; use --guidance standard")
     channels = net.model.cfg.in_channels
     latent = channels not in (1, 3)  # images come from the VAE that made the latents
     vae = (vae or ckpt_vae) if latent else None
@@ -96,14 +103,35 @@ def generate(
     for start in range(0, len(seeds), batch_size):
         chunk = seeds[start:start + batch_size]
         y = None if labels is None else labels[start:start + len(chunk)].to(device)
-        noise = seeded_noise(chunk, shape, device)
         with autocast_for(precision, device):
-            x = edm_sample(lambda x, s: net(x, s, y, cfg_scale=sample_cfg.cfg_scale), noise,
-                           num_steps=sample_cfg.num_steps, sigma_min=sample_cfg.sigma_min,
-                           sigma_max=sample_cfg.sigma_max, rho=sample_cfg.rho, solver=sample_cfg.solver,
-                           progress=progress)
+            if sample_cfg.solver in ("ddpm", "ddim"):
+                x = _sample_ddpm(net, chunk, shape, y, sample_cfg, device, progress)
+            else:
+                guidance = {} if sample_cfg.guidance == "standard" else {"guidance": sample_cfg.guidance}
+                if guidance and not isinstance(net, DDPMPrecond):
+                    raise ValueError("sample.guidance=dit (the official DiT's three guided channels) is for "
+                                     "DDPM-trained checkpoints; use guidance=standard")
+                x = edm_sample(lambda x, s: net(x, s, y, cfg_scale=sample_cfg.cfg_scale, **guidance),
+                               seeded_noise(chunk, shape, device), num_steps=sample_cfg.num_steps,
+                               sigma_min=sample_cfg.sigma_min, sigma_max=sample_cfg.sigma_max, rho=sample_cfg.rho,
+                               solver=sample_cfg.solver, progress=progress)
         out.append(x.float().cpu())
     return torch.cat(out)
+
+
+def _sample_ddpm(net: EDMPrecond, seeds: list[int], shape: tuple[int, ...], labels: torch.Tensor | None,
+                 sample_cfg: SampleConfig, device: torch.device, progress: bool) -> torch.Tensor:
+    """DDPM / DDIM sampling of one batch; each image's starting and per-step noise come from its own
+    seed's generator, so an image depends on its seed only."""
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def draw(_step: int = 0) -> torch.Tensor:
+        return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+
+    model = eps_model(net, labels, sample_cfg.cfg_scale, sample_cfg.guidance)
+    if sample_cfg.solver == "ddpm":
+        return ddpm_sample(model, draw(), sample_cfg.num_steps, draw, progress=progress)
+    return ddim_sample(model, draw(), sample_cfg.num_steps, sample_cfg.ddim_eta, draw, progress=progress)
 
 
 def to_uint8_nhwc(images: ImageBatch) -> np.ndarray:

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                  "its --init) with another dydit.target")
     try:
         final = finetune(cfg, args.init, args.out, progress=not args.no_progress, resume=args.resume)
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, ConfigError) as err:  # ConfigError: settings that do not fit the --init checkpoint
         ft.error(str(err))
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun rank 0 reports
         return 0

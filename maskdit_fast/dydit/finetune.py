@@ -2,7 +2,9 @@
 
 Objective per step (batch of N images):
 
-    loss = DSM(dynamic net)                                       (EDM denoising loss, no masking)
+    loss = DSM(dynamic net)                                       (EDM denoising loss, no masking; for a
+                                                                   model.diffusion=ddpm base such as an official
+                                                                   DiT: DiT's eps MSE + VB at uniform t)
          + flops_coef * (mean_n F_dyn(n) / F_static - lambda)^2   (lambda: 1 -> target over lambda_warmup)
          + min_tokens_coef * sum_blocks max(0, min_tokens - mean token decision)
          + distill_coef * EDM-weighted MSE(dynamic denoised, frozen base denoised)   (optional)
@@ -33,6 +35,7 @@ from ..checkpoint import ema_metadata, load_checkpoint
 from ..config import ConfigError, SampleConfig, config_to_dict
 from ..data.loader import build_loader
 from ..data.sampler import split_global_batch
+from ..diffusion.ddpm_loss import ddpm_loss
 from ..diffusion.edm import EDMPrecond, build_net
 from ..diffusion.loss import edm_weight, sample_sigma
 from ..diffusion.samplers import edm_time_steps
@@ -68,6 +71,12 @@ def training_sigmas(n: int, cfg: DyDiTRunConfig, levels: torch.Tensor, device: t
     return sigma
 
 
+def _drop_labels(labels: torch.Tensor, rate: float, null: int) -> torch.Tensor:
+    """labels (N,) with each replaced by ``null`` (no class) with probability ``rate``."""
+    drop = torch.rand(labels.shape[0], device=labels.device) < rate
+    return torch.where(drop, torch.full_like(labels, null), labels)
+
+
 def dydit_loss(net: nn.Module, images: torch.Tensor, labels: torch.Tensor | None, lam: float, cfg: DyDiTRunConfig,
                flops: ModelFlops, levels: torch.Tensor, teacher: EDMPrecond | None = None,
                raw: EDMPrecond | None = None) -> dict[str, torch.Tensor]:
@@ -87,15 +96,19 @@ def dydit_loss(net: nn.Module, images: torch.Tensor, labels: torch.Tensor | None
     if raw.training and labels is not None and embedder is not None and embedder.dropout > 0:
         raise ValueError("set net.model.y_embedder.dropout = 0: the fine-tune drops labels itself, "
                          "so that the distillation teacher sees the same labels")
-    sigma = training_sigmas(n, cfg, levels, images.device)
-    s = sigma.view(-1, 1, 1, 1)
-    noisy = images + torch.randn_like(images) * s
-    if labels is not None and m.class_dropout > 0:
-        drop = torch.rand(n, device=images.device) < m.class_dropout
-        labels = torch.where(drop, torch.full_like(labels, m.num_classes), labels)
-    denoised = net(noisy, sigma, labels)
-    weight = edm_weight(s, m.sigma_data)
-    dsm = (weight * (denoised - images).pow(2)).mean()
+    if m.diffusion == "ddpm":  # DiT's own objective (hybrid loss, uniform t), as the paper fine-tunes
+        if labels is not None and m.class_dropout > 0:
+            labels = _drop_labels(labels, m.class_dropout, m.num_classes)
+        dsm = ddpm_loss(net, images, labels, 0.0, cfg.loss, m).loss.mean()
+    else:
+        sigma = training_sigmas(n, cfg, levels, images.device)
+        s = sigma.view(-1, 1, 1, 1)
+        noisy = images + torch.randn_like(images) * s
+        if labels is not None and m.class_dropout > 0:
+            labels = _drop_labels(labels, m.class_dropout, m.num_classes)
+        denoised = net(noisy, sigma, labels)
+        weight = edm_weight(s, m.sigma_data)
+        dsm = (weight * (denoised - images).pow(2)).mean()
     routing = routing_of(raw)
     ratio = flops.ratio(routing)
     flops_loss = d.flops_coef * (ratio.mean() - lam) ** 2
@@ -170,6 +183,9 @@ def _finetune(cfg: DyDiTRunConfig, init: Path, out_dir: Path, env: Dist, progres
 
     base = load_checkpoint(init, device)
     cfg = dataclasses.replace(cfg, model=base.model.cfg)
+    if cfg.model.diffusion == "ddpm" and cfg.dydit.distill_coef > 0:
+        raise ConfigError("dydit.distill_coef: distillation is for EDM bases; a DDPM base (an official DiT) "
+                          "fine-tunes with DiT's own loss: set dydit.distill_coef=0")
     if cfg.model.arch == "maskdit" and cfg.model.mask_ratio > 0:
         log.info("MaskDiT base: DyDiT fine-tunes its unmasked path (mask ratio 0)")
     raw = to_dydit(base, cfg.dydit.router()).train().requires_grad_(True)

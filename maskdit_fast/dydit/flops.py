@@ -26,7 +26,7 @@ from torch import nn
 
 from ..diffusion.edm import EDMPrecond
 from ..models import DiT, MaskDiT
-from ..models.layers import DiTBlock
+from ..models.layers import DiTBlock, ModulatedLinear
 from ..models.dydit_block import DyDiTBlock, Routing
 
 
@@ -145,7 +145,7 @@ def model_flops(net: EDMPrecond | nn.Module) -> ModelFlops:
 class FlopsMeter:
     """``with FlopsMeter(net) as meter: ...`` records the FLOPs of every forward of ``net.model``.
 
-    One record per network evaluation: sigma (from EDM's noise label c_noise = ln(sigma) / 4), the
+    One record per network evaluation: sigma (from the network's noise label, ``net.noise_level``), the
     rows evaluated (guidance doubles them), their FLOPs and the mean share of heads / groups /
     tokens on. Works for base (static) networks too (ratio 1).
     """
@@ -176,7 +176,7 @@ class FlopsMeter:
                 flops = float(self.flops.dynamic(routing).detach().double().sum())
             else:
                 flops = self.flops.masked * rows
-        self.records.append({"sigma": float((noise_labels.float().mean() * 4).exp()), "rows": rows,
+        self.records.append({"sigma": float(self.net.noise_level(noise_labels).mean()), "rows": rows,
                              "flops": flops, **rates})
 
     def summary(self, images: int | None = None) -> dict:
@@ -192,3 +192,19 @@ class FlopsMeter:
         if images:
             out["flops_per_image"] = total / images
         return out
+
+
+def paper_gmacs(net: EDMPrecond | nn.Module) -> float:
+    """GFLOPs of the static network as the DiT and DyDiT papers report them (fvcore's count): one per
+    multiply-accumulate of the linears, convolutions and attention matmuls, plus 4 per element that an
+    affine-free LayerNorm normalises (2 per DiT block, 1 per final / decoder-input layer); softmax,
+    GELU and the modulation are not counted. DiT-XL/2 at 256 px (learned variance): 118.69."""
+    model: DiT = net.model if isinstance(net, EDMPrecond) else net
+    tokens = model.num_patches
+    norm_elements = 0
+    for module in model.modules():
+        if isinstance(module, DiTBlock):
+            norm_elements += 2 * tokens * module.attn.proj.out_features
+        elif isinstance(module, ModulatedLinear):
+            norm_elements += tokens * module.linear.in_features
+    return (model_flops(net).static / 2 + 4 * norm_elements) / 1e9

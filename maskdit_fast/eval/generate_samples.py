@@ -39,7 +39,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from maskdit_fast._version import __version__
-from maskdit_fast.config import SampleConfig
+from maskdit_fast.config import SOLVERS, SampleConfig
 from maskdit_fast.data.vae import decode_latents, load_vae
 from maskdit_fast.dist import processes
 from maskdit_fast.files import atomic_write
@@ -49,8 +49,14 @@ from maskdit_fast.models.precision import resolve_precision
 MANIFEST_FORMAT = "maskdit_fast/eval-generate-v1"
 PRECISIONS = ("auto", "bf16", "fp32")
 # Everything that changes the images; a rerun must agree on all of them to resume in the same DIR.
-RESUME_KEYS = ("format", "checkpoint_sha256", "sampler", "solver", "steps", "cfg_scale", "sigma_min", "sigma_max",
-               "rho", "precision", "num", "seed_first", "seed_last", "label_scheme", "chunk", "vae", "latent_scale")
+RESUME_KEYS = ("format", "checkpoint_sha256", "sampler", "solver", "steps", "cfg_scale", "guidance", "sigma_min",
+               "sigma_max", "rho", "precision", "num", "seed_first", "seed_last", "label_scheme", "chunk", "vae",
+               "latent_scale")
+
+
+KEYS_ADDED_SINCE_V1 = {"guidance": "standard"}  # what a manifest written before the key existed used
+SAMPLER_NAMES = {"heun": "edm-deterministic", "euler": "edm-deterministic",  # EDM probability-flow ODE, no churn
+                 "ddpm": "ddpm-ancestral", "ddim": "ddim"}  # DiT's schedule respaced to `steps`
 
 
 class GenerateError(ValueError):
@@ -67,7 +73,8 @@ class GenerateRequest:
     batch: int = 64                  # images per network batch, per process
     steps: int | None = None         # None: the checkpoint's sampler settings
     cfg_scale: float | None = None
-    solver: str | None = None
+    solver: str | None = None        # heun | euler | ddpm | ddim (the --sampler flag)
+    guidance: str | None = None      # standard | dit (DDPM checkpoints)
     precision: str = "auto"          # auto = bf16 autocast on CUDA, fp32 elsewhere
     vae: str | None = None           # None: the checkpoint's VAE (latent models only)
     png: bool = True                 # also write DIR/images/XXXXXX.png
@@ -142,7 +149,7 @@ def _validate(req: GenerateRequest) -> None:
 
 def _generate(req: GenerateRequest, out: Path, rank: int, world: int, device: torch.device) -> GenerateSummary:
     try:
-        opened = open_for_sampling(req.ckpt, device, req.steps, req.cfg_scale, req.solver, req.vae)
+        opened = open_for_sampling(req.ckpt, device, req.steps, req.cfg_scale, req.solver, req.vae, req.guidance)
     except ValueError as err:
         raise GenerateError(str(err)) from err
     net, sample_cfg, vae, latent_scale = opened.net, opened.sample, opened.vae, opened.latent_scale
@@ -222,10 +229,11 @@ def _manifest(req: GenerateRequest, cfg: SampleConfig, num_classes: int, vae: st
         "format": MANIFEST_FORMAT,
         "checkpoint": str(Path(req.ckpt).resolve()),
         "checkpoint_sha256": checkpoint_sha256(req.ckpt),
-        "sampler": "edm-deterministic",  # EDM probability-flow ODE, no stochastic churn
+        "sampler": SAMPLER_NAMES[cfg.solver] + (f" eta={cfg.ddim_eta}" if cfg.solver == "ddim" else ""),
         "solver": cfg.solver,
         "steps": cfg.num_steps,
         "cfg_scale": cfg.cfg_scale,
+        "guidance": cfg.guidance,
         "sigma_min": cfg.sigma_min,
         "sigma_max": cfg.sigma_max,
         "rho": cfg.rho,
@@ -263,6 +271,7 @@ def _prepare_out_dir(out: Path, manifest: dict) -> dict:
         old = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise GenerateError(f"{path} cannot be read ({err}); use another --out") from err
+    old = {**KEYS_ADDED_SINCE_V1, **old}
     differences = [f"{key}: {old.get(key)!r} there, {manifest[key]!r} now" for key in RESUME_KEYS
                    if old.get(key) != manifest[key]]
     if differences:
@@ -342,9 +351,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num", "--num-samples", dest="num", type=int, default=50_000,
                         help="number of images (default 50000); under torchrun write --num-samples")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i and class (SEED+i) %% classes")
-    parser.add_argument("--steps", type=int, default=None, help="EDM time steps (default: the checkpoint's)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="EDM time steps, or DDPM/DDIM steps out of 1000 (default: the checkpoint's)")
     parser.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: the checkpoint's)")
-    parser.add_argument("--solver", choices=("heun", "euler"), default=None, help="(default: the checkpoint's)")
+    parser.add_argument("--sampler", "--solver", dest="solver", choices=SOLVERS, default=None,
+                        help="heun | euler (EDM) | ddpm (ancestral, DiT's) | ddim (default: the checkpoint's)")
+    parser.add_argument("--guidance", choices=("standard", "dit"), default=None,
+                        help="standard: every eps channel guided; dit: the official DiT's first 3 channels "
+                             "(DDPM checkpoints; default: the checkpoint's)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="network autocast: auto = bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--batch", type=int, default=64, help="images per network batch, per process (default 64)")

@@ -27,11 +27,13 @@ class DiT(nn.Module):
         self.num_patches = (cfg.input_size // cfg.patch_size) ** 2
         self.x_embedder = PatchEmbed(cfg.in_channels, d, cfg.patch_size)
         self.t_embedder = TimestepEmbedder(d, input_scale=cfg.noise_embed_scale)
-        self.y_embedder = LabelEmbedder(cfg.num_classes, d, cfg.class_dropout) if cfg.num_classes > 0 else None
+        self.out_channels = cfg.out_channels
+        self.y_embedder = (LabelEmbedder(cfg.num_classes, d, cfg.class_dropout, cfg.null_class == "learned")
+                           if cfg.num_classes > 0 else None)
         # Frozen, derived from the config: a buffer that is not saved.
         self.register_buffer("pos_embed", sincos_pos_embed_2d(d, cfg.input_size // cfg.patch_size), persistent=False)
         self.blocks = nn.ModuleList(DiTBlock(d, cfg.num_heads, d, cfg.mlp_ratio) for _ in range(cfg.depth))
-        self.final_layer = ModulatedLinear(self._build_head(), cfg.patch_size**2 * cfg.in_channels, d)
+        self.final_layer = ModulatedLinear(self._build_head(), cfg.patch_size**2 * cfg.out_channels, d)
         self.initialize_weights()
 
     def _build_head(self) -> int:
@@ -77,7 +79,8 @@ class DiT(nn.Module):
         ids_keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (N, C, H, W); noise_labels: (N,); class_labels: (N,) int64 or None;
-        ids_keep: (N, K) int64 kept token indices (MaskDiT's masked training) or None -> F: (N, C, H, W)."""
+        ids_keep: (N, K) int64 kept token indices (MaskDiT's masked training) or None -> F: (N, C_out, H, W)
+        (C_out = 2C with ``learn_sigma``: eps, then the variance values)."""
         t_emb = self.t_embedder(noise_labels)
         c = self.add_class(t_emb, class_labels)
         tokens = self.embed(x, ids_keep)
@@ -106,5 +109,5 @@ class DiT(nn.Module):
         return tokens
 
     def head(self, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """tokens: (N, L, D_head) -> F: (N, C, H, W): final adaLN layer, then unpatchify."""
-        return unpatchify(self.final_layer(tokens, c), self.patch_size, self.in_channels)
+        """tokens: (N, L, D_head) -> F: (N, C_out, H, W): final adaLN layer, then unpatchify."""
+        return unpatchify(self.final_layer(tokens, c), self.patch_size, self.out_channels)

@@ -63,23 +63,28 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class index -> (N, D); index ``num_classes`` is "no class" and embeds to exactly zero.
+    """Class index -> (N, D); index ``num_classes`` is "no class".
 
-    Equivalent to the official bias-free Linear on one-hot labels with an all-zero null label.
-    During training labels are dropped (set to the null index) with probability ``dropout``.
+    The no-class embedding is exactly zero (the official MaskDiT's bias-free Linear on one-hot
+    labels with an all-zero null label), or with ``learned_null`` a learned last table row (the
+    official DiT's table of ``num_classes + 1`` rows). During training labels are dropped (set to
+    the null index) with probability ``dropout``.
     """
 
-    def __init__(self, num_classes: int, hidden_size: int, dropout: float):
+    def __init__(self, num_classes: int, hidden_size: int, dropout: float, learned_null: bool = False):
         super().__init__()
         self.num_classes = num_classes
         self.dropout = dropout
-        self.embedding = nn.Embedding(num_classes, hidden_size)
+        self.learned_null = learned_null
+        self.embedding = nn.Embedding(num_classes + int(learned_null), hidden_size)
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
         """labels: (N,) int64 in [0, num_classes] -> (N, D)."""
         if self.training and self.dropout > 0:
             drop = torch.rand(labels.shape, device=labels.device) < self.dropout
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        if self.learned_null:
+            return self.embedding(labels)
         keep = labels < self.num_classes
         return self.embedding(labels.clamp(max=self.num_classes - 1)) * keep.unsqueeze(-1).to(self.embedding.weight.dtype)
 

@@ -24,6 +24,7 @@ from ..config import Config, ConfigError, config_to_dict
 from ..data.loader import build_loader
 from ..data.sampler import split_global_batch
 from ..diffusion.edm import build_net
+from ..diffusion.ddpm_loss import ddpm_loss
 from ..diffusion.loss import edm_loss
 from ..dist import Dist, processes, select_device
 from ..generate import write_sample_grid
@@ -39,10 +40,12 @@ StepHook = Callable[[int, torch.nn.Module], str | None]  # see train()
 
 def maskdit_objective(cfg: Config, mask_ratio: Callable[[int], float]) -> LossFn:
     """The MaskDiT / DiT objective for the loop: EDM DSM on kept patches + MAE on masked ones, with
-    ``mask_ratio(step)`` of the tokens masked."""
+    ``mask_ratio(step)`` of the tokens masked; with ``model.diffusion=ddpm`` DiT's loss (eps MSE + the
+    learned variance's bound term) in place of DSM."""
+    diffusion_loss = ddpm_loss if cfg.model.diffusion == "ddpm" else edm_loss
 
     def loss_fn(net: torch.nn.Module, batch: MicroBatch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        terms = edm_loss(net, batch.images, batch.labels, mask_ratio(step), cfg.loss, cfg.model)
+        terms = diffusion_loss(net, batch.images, batch.labels, mask_ratio(step), cfg.loss, cfg.model)
         return terms.loss.mean(), {"dsm": terms.dsm.mean(), "mae": terms.mae.mean()}
 
     return loss_fn

@@ -101,6 +101,19 @@ def test_resume_regenerates_only_missing_chunks(ckpt, reference, tmp_path):
     assert generate_samples(GenerateRequest(ckpt, out, num=10, chunk=4, seed=5, progress=False)).generated_chunks == []
 
 
+def test_a_manifest_written_before_the_guidance_key_still_resumes(ckpt, reference, tmp_path):
+    out = tmp_path / "older"
+    shutil.copytree(reference, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["guidance"]  # as written before DDPM sampling existed: guidance was always standard
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "chunks" / "chunk-00002.npz").unlink()
+    summary = generate_samples(GenerateRequest(ckpt, out, num=10, chunk=4, seed=5, progress=False))
+    assert summary.generated_chunks == [2]
+    with pytest.raises(GenerateError, match="DDPM-trained"):  # the official DiT's guidance needs a DDPM model
+        generate_samples(GenerateRequest(ckpt, out, num=10, chunk=4, seed=5, guidance="dit", progress=False))
+
+
 def test_other_settings_or_checkpoint_in_the_same_dir_are_refused(ckpt, reference, tmp_path, capsys):
     before = {p.name: p.read_bytes() for p in (reference / "manifest.json", reference / "samples.npz")}
     with pytest.raises(GenerateError, match=r"cfg_scale: 2\.0 there, 1\.5 now.*another --out"):
