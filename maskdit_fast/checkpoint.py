@@ -1,7 +1,7 @@
 """Sampling checkpoints: one safetensors file of EMA weights with the model config in its metadata.
 
-``load_checkpoint(path)`` returns an :class:`EDMPrecond` in eval mode (a :class:`DDPMPrecond`, the
-same denoiser interface, for ``model.diffusion=ddpm`` networks such as converted official DiTs), ready
+``load_checkpoint(path)`` returns a :class:`Denoiser` in eval mode (an :class:`EDMPrecond`, or a
+:class:`DDPMPrecond` for ``model.diffusion=ddpm`` networks such as converted official DiTs), ready
 for ``net(x, sigma, class_labels=None, cfg_scale=None)``. It also reads a training state
 (``checkpoints/step-*/``, sharded, or an earlier version's ``step-*.pt``), taking its EMA weights.
 
@@ -23,7 +23,8 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig, config_to_dict, model_config_from_dict, router_config_from_dict
 from .data.vae import LATENT_SCALE
-from .diffusion.edm import EDMPrecond, build_net
+from .diffusion.denoiser import Denoiser
+from .diffusion.edm import build_net
 from .files import atomic_write
 from .storage import latest_training_state, load_training_state
 
@@ -31,7 +32,7 @@ FORMAT = "maskdit_fast/edm-precond-v1"
 
 
 def save_safetensors(path: str | Path, state: dict[str, torch.Tensor], cfg: ModelConfig, extra: dict | None = None) -> None:
-    """Write ``state`` (an EDMPrecond state dict) with the model config as metadata, atomically."""
+    """Write ``state`` (a Denoiser's state dict) with the model config as metadata, atomically."""
     metadata = {"format": FORMAT, "model_config": json.dumps(config_to_dict(cfg))}
     metadata.update({k: json.dumps(v) for k, v in (extra or {}).items()})
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
@@ -74,7 +75,7 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelCo
     return state, model_config_from_dict(json.loads(metadata["model_config"])), metadata
 
 
-def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> EDMPrecond:
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Denoiser:
     """The EMA network of a safetensors checkpoint or training state, in eval mode on ``device``.
 
     A DyDiT fine-tune's safetensors (a ``dydit`` metadata entry) gives the DyDiT network, whose

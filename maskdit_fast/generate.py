@@ -19,7 +19,7 @@ from .checkpoint import load_checkpoint, sample_settings
 from .config import Config, SampleConfig
 from .diffusion.ddpm_precond import DDPMPrecond
 from .diffusion.ddpm_samplers import ddim_sample, ddpm_sample, eps_model
-from .diffusion.edm import EDMPrecond
+from .diffusion.denoiser import Denoiser
 from .diffusion.samplers import edm_sample
 from .models.precision import autocast_for
 
@@ -54,7 +54,7 @@ class Sampling:
     checkpoint's, with the caller's overrides), the VAE that decodes a latent model (None for pixel
     models) and the latent scale."""
 
-    net: EDMPrecond
+    net: Denoiser
     sample: SampleConfig
     vae: str | None
     latent_scale: float
@@ -85,7 +85,7 @@ def open_for_sampling(ckpt: str | Path, device: torch.device, steps: int | None 
 
 @torch.no_grad()
 def generate(
-    net: EDMPrecond,
+    net: Denoiser,
     seeds: list[int],
     labels: torch.Tensor | None,
     sample_cfg: SampleConfig,
@@ -119,7 +119,7 @@ def generate(
     return torch.cat(out)
 
 
-def _sample_ddpm(net: EDMPrecond, seeds: list[int], shape: tuple[int, ...], labels: torch.Tensor | None,
+def _sample_ddpm(net: Denoiser, seeds: list[int], shape: tuple[int, ...], labels: torch.Tensor | None,
                  sample_cfg: SampleConfig, device: torch.device, progress: bool) -> torch.Tensor:
     """DDPM / DDIM sampling of one batch; each image's starting and per-step noise come from its own
     seed's generator, so an image depends on its seed only."""
@@ -187,7 +187,7 @@ def save_npz(path: str | Path, images: np.ndarray, labels: torch.Tensor | None) 
     np.savez(path, **arrays)
 
 
-def write_sample_grid(cfg: Config, ema_net: EDMPrecond, path: Path) -> bool:
+def write_sample_grid(cfg: Config, ema_net: Denoiser, path: Path) -> bool:
     """A grid of EMA samples, one row per class (up to 10 classes), fixed seeds; True if written.
     Latent models need ``data.vae`` to decode them; without it nothing is sampled."""
     m = cfg.model

@@ -10,7 +10,7 @@ import torch
 from maskdit_fast import load_checkpoint
 from maskdit_fast.checkpoint import read_safetensors, sample_settings
 from maskdit_fast.convert import main as convert_main
-from maskdit_fast.convert_dit import convert_official_dit, infer_dit_config
+from maskdit_fast.convert import convert_official_dit, infer_dit_config
 from maskdit_fast.diffusion.ddpm_precond import DDPMPrecond
 from tests.dit_reference import dit_alphas_cumprod, official_dit_forward, official_dit_state
 

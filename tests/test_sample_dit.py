@@ -11,7 +11,7 @@ from maskdit_fast import load_checkpoint
 from maskdit_fast.checkpoint import save_safetensors
 from maskdit_fast.cli import sample_main
 from maskdit_fast.config import SampleConfig
-from maskdit_fast.convert_dit import convert_official_dit
+from maskdit_fast.convert import convert_official_dit
 from maskdit_fast.diffusion.edm import build_net
 from maskdit_fast.eval.__main__ import main as eval_main
 from maskdit_fast.generate import generate, to_uint8_nhwc

@@ -22,12 +22,12 @@ import torch
 
 from ..models import DiT
 from .ddpm import Schedule, sigma_to_step
-from .edm import EDMPrecond
+from .denoiser import Denoiser
 
 GUIDANCE = ("standard", "dit")
 
 
-class DDPMPrecond(EDMPrecond):
+class DDPMPrecond(Denoiser):
     """D(x; sigma) = x - sigma * eps(x / sqrt(1 + sigma^2), t(sigma)) for a DDPM-trained DiT / MaskDiT.
 
     The raw network is ``self.model`` (parameter names ``model.*``, as for :class:`EDMPrecond`); it

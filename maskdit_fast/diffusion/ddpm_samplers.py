@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .ddpm import Schedule
 from .ddpm_precond import DDPMPrecond
-from .edm import EDMPrecond
+from .denoiser import Denoiser
 
 # (x_t (N, C, H, W), original step indices (N,) int64) -> (eps, variance values or None)
 EpsModel = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
@@ -23,7 +23,7 @@ EpsModel = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tens
 StepNoise = Callable[[int], torch.Tensor]
 
 
-def eps_model(net: EDMPrecond, class_labels: torch.Tensor | None, cfg_scale: float | None = None,
+def eps_model(net: Denoiser, class_labels: torch.Tensor | None, cfg_scale: float | None = None,
               guidance: str = "standard") -> EpsModel:
     """The DDPM view of ``net`` for fixed class labels (N,) or None and guidance settings."""
     if isinstance(net, DDPMPrecond):

@@ -1,52 +1,30 @@
 """EDM preconditioning (Karras et al. 2022) around a raw DiT / MaskDiT / DyDiT network, and ``build_net``
-(which wraps DDPM-trained networks in :class:`~maskdit_fast.diffusion.ddpm_precond.DDPMPrecond` instead)."""
+(the denoiser for a config: EDM's, or :class:`~maskdit_fast.diffusion.ddpm_precond.DDPMPrecond` for
+DDPM-trained networks)."""
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from ..config import ModelConfig, RouterConfig
 from ..models import DiT, build_model
 from ..models.dydit import DyDiT, DyMaskDiT
+from .ddpm_precond import DDPMPrecond
+from .denoiser import Denoiser
 
 
-class EDMPrecond(nn.Module):
+class EDMPrecond(Denoiser):
     """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise), with classifier-free guidance.
 
     The raw network is ``self.model`` so that parameter names carry the official ``model.`` prefix.
     """
 
     def __init__(self, model: DiT, sigma_data: float = 0.5):
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.sigma_data = sigma_data
-
-    @property
-    def num_classes(self) -> int:
-        return self.model.cfg.num_classes
 
     def noise_level(self, noise_labels: torch.Tensor) -> torch.Tensor:
         """sigma (N,) of the raw network's noise labels c_noise = ln(sigma) / 4 (N,)."""
         return (noise_labels.float() * 4).exp()
-
-    def check_inputs(self, x: torch.Tensor, sigma: torch.Tensor | float, class_labels: torch.Tensor | None
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """x as float32, sigma as (N,) float32, class_labels as (N,) int64 on x's device (or None);
-        a ValueError that names the problem for inputs that do not fit the batch or the model."""
-        x = x.float()
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
-        sigma = sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
-        if sigma.shape[0] != x.shape[0]:
-            raise ValueError(f"sigma has {sigma.shape[0]} values for a batch of {x.shape[0]}")
-        if class_labels is not None:
-            if self.num_classes == 0:
-                raise ValueError("this model is unconditional (num_classes=0); pass class_labels=None")
-            class_labels = class_labels.to(device=x.device, dtype=torch.long).reshape(-1)
-            if class_labels.shape[0] != x.shape[0]:
-                raise ValueError(f"{class_labels.shape[0]} class labels for a batch of {x.shape[0]}")
-            if class_labels.min() < 0 or class_labels.max() > self.num_classes:
-                raise ValueError(f"class labels must be in [0, {self.num_classes}] ({self.num_classes} = no class)")
-        return x, sigma, class_labels
 
     def forward(
         self,
@@ -83,12 +61,11 @@ class EDMPrecond(nn.Module):
         return c_skip * x + c_out * out
 
 
-def build_net(cfg: ModelConfig, router: RouterConfig | None = None) -> EDMPrecond:
+def build_net(cfg: ModelConfig, router: RouterConfig | None = None) -> Denoiser:
     """A freshly initialised network for ``cfg`` behind the EDM denoiser interface: DiT / MaskDiT, or
     with ``router`` the DyDiT version of it (weights random, routers all on); an :class:`EDMPrecond`,
     or for ``model.diffusion=ddpm`` a :class:`~maskdit_fast.diffusion.ddpm_precond.DDPMPrecond`."""
     model = build_model(cfg) if router is None else (DyMaskDiT if cfg.arch == "maskdit" else DyDiT)(cfg, router)
     if cfg.diffusion == "ddpm":
-        from .ddpm_precond import DDPMPrecond  # a subclass of EDMPrecond: imported here, not at the top
         return DDPMPrecond(model)
     return EDMPrecond(model, cfg.sigma_data)

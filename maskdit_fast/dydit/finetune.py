@@ -36,7 +36,8 @@ from ..config import ConfigError, SampleConfig, config_to_dict
 from ..data.loader import build_loader
 from ..data.sampler import split_global_batch
 from ..diffusion.ddpm_loss import ddpm_loss
-from ..diffusion.edm import EDMPrecond, build_net
+from ..diffusion.denoiser import Denoiser
+from ..diffusion.edm import build_net
 from ..diffusion.loss import edm_weight, sample_sigma
 from ..diffusion.samplers import edm_time_steps
 from ..dist import Dist, barrier, processes
@@ -78,8 +79,8 @@ def _drop_labels(labels: torch.Tensor, rate: float, null: int) -> torch.Tensor:
 
 
 def dydit_loss(net: nn.Module, images: torch.Tensor, labels: torch.Tensor | None, lam: float, cfg: DyDiTRunConfig,
-               flops: ModelFlops, levels: torch.Tensor, teacher: EDMPrecond | None = None,
-               raw: EDMPrecond | None = None) -> dict[str, torch.Tensor]:
+               flops: ModelFlops, levels: torch.Tensor, teacher: Denoiser | None = None,
+               raw: Denoiser | None = None) -> dict[str, torch.Tensor]:
     """One draw of the DyDiT objective; returns scalar terms (``loss`` is the one to minimise).
     images: (N, C, H, W); labels: (N,) int64 or None.
 
@@ -129,7 +130,7 @@ def dydit_loss(net: nn.Module, images: torch.Tensor, labels: torch.Tensor | None
     return terms
 
 
-def dydit_objective(cfg: DyDiTRunConfig, raw: EDMPrecond, teacher: EDMPrecond | None) -> LossFn:
+def dydit_objective(cfg: DyDiTRunConfig, raw: Denoiser, teacher: Denoiser | None) -> LossFn:
     """The DyDiT objective for the training loop (:func:`dydit_loss` at lambda of the step)."""
     flops, levels = model_flops(raw), sampler_sigmas(cfg.sample)
 
@@ -221,7 +222,7 @@ def _finetune(cfg: DyDiTRunConfig, init: Path, out_dir: Path, env: Dist, progres
     return out_dir / "ema.safetensors"
 
 
-def _final_samples(cfg: DyDiTRunConfig, ema_net: EDMPrecond, out_dir: Path) -> None:
+def _final_samples(cfg: DyDiTRunConfig, ema_net: Denoiser, out_dir: Path) -> None:
     """``samples/final.png`` and the FLOPs that sampling executed (``samples/final-flops.json``)."""
     with FlopsMeter(ema_net) as meter:
         if not write_sample_grid(cfg, ema_net, out_dir / "samples" / "final.png"):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..diffusion.edm import EDMPrecond
+from ..diffusion.denoiser import Denoiser
 from ..models import DiT, MaskDiT
 from ..models.layers import DiTBlock, ModulatedLinear
 from ..models.dydit_block import DyDiTBlock, Routing
@@ -119,9 +119,9 @@ class ModelFlops:
         return self.static + sum(self.blocks[i].routers for i in self.dynamic_index)
 
 
-def model_flops(net: EDMPrecond | nn.Module) -> ModelFlops:
+def model_flops(net: Denoiser | nn.Module) -> ModelFlops:
     """Constants of ``net`` (a preconditioned or raw DiT / MaskDiT, dynamic or not)."""
-    model: DiT = net.model if isinstance(net, EDMPrecond) else net
+    model: DiT = net.model if isinstance(net, Denoiser) else net
     cfg = model.cfg
     L, D = model.num_patches, cfg.hidden_size
     patch_in = cfg.in_channels * cfg.patch_size**2
@@ -150,7 +150,7 @@ class FlopsMeter:
     tokens on. Works for base (static) networks too (ratio 1).
     """
 
-    def __init__(self, net: EDMPrecond):
+    def __init__(self, net: Denoiser):
         self.net = net
         self.flops = model_flops(net)
         self.records: list[dict] = []
@@ -194,12 +194,12 @@ class FlopsMeter:
         return out
 
 
-def paper_gmacs(net: EDMPrecond | nn.Module) -> float:
+def paper_gmacs(net: Denoiser | nn.Module) -> float:
     """GFLOPs of the static network as the DiT and DyDiT papers report them (fvcore's count): one per
     multiply-accumulate of the linears, convolutions and attention matmuls, plus 4 per element that an
     affine-free LayerNorm normalises (2 per DiT block, 1 per final / decoder-input layer); softmax,
     GELU and the modulation are not counted. DiT-XL/2 at 256 px (learned variance): 118.69."""
-    model: DiT = net.model if isinstance(net, EDMPrecond) else net
+    model: DiT = net.model if isinstance(net, Denoiser) else net
     tokens = model.num_patches
     norm_elements = 0
     for module in model.modules():

@@ -15,16 +15,17 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig, RouterConfig
+from ..diffusion.denoiser import Denoiser
 from ..diffusion.edm import EDMPrecond, build_net
 from ..models.dydit import Routing, _Dynamic
 
 
-def build_dydit(cfg: ModelConfig, router: RouterConfig) -> EDMPrecond:
+def build_dydit(cfg: ModelConfig, router: RouterConfig) -> Denoiser:
     """A DyDiT network (preconditioned) for ``cfg``; weights random, routers all on."""
     return build_net(cfg, router)
 
 
-def to_dydit(net: EDMPrecond, router: RouterConfig | None = None) -> EDMPrecond:
+def to_dydit(net: Denoiser, router: RouterConfig | None = None) -> Denoiser:
     """Convert a trained (preconditioned) DiT / MaskDiT into a DyDiT with every router on.
 
     The returned network holds copies of ``net``'s weights (``net`` is untouched), on its device,
@@ -42,11 +43,12 @@ def to_dydit(net: EDMPrecond, router: RouterConfig | None = None) -> EDMPrecond:
     missing, unexpected = dyn.model.load_state_dict(base.state_dict(), strict=False)
     if unexpected or any("_router." not in k for k in missing):
         raise RuntimeError(f"weights do not match the DyDiT network: missing {missing}, unexpected {unexpected}")
-    dyn.sigma_data = net.sigma_data
+    if isinstance(net, EDMPrecond):
+        dyn.sigma_data = net.sigma_data
     return dyn.to(device=param.device, dtype=param.dtype).train(net.training)  # .to: buffers made from numpy
 
 
-def routing_of(net: EDMPrecond | nn.Module) -> list[Routing]:
+def routing_of(net: Denoiser | nn.Module) -> list[Routing]:
     """The decisions of ``net``'s last forward (one :class:`Routing` per dynamic block)."""
-    model = net.model if isinstance(net, EDMPrecond) else net
+    model = net.model if isinstance(net, Denoiser) else net
     return model.routing

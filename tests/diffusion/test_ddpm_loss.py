@@ -9,7 +9,7 @@ import torch
 
 from maskdit_fast import load_checkpoint
 from maskdit_fast.config import LossConfig
-from maskdit_fast.convert_dit import convert_official_dit
+from maskdit_fast.convert import convert_official_dit
 from maskdit_fast.diffusion.ddpm_loss import ddpm_loss
 from maskdit_fast.diffusion.ddpm_precond import DDPMPrecond
 from maskdit_fast.train.trainer import train

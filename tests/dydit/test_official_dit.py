@@ -10,7 +10,7 @@ from maskdit_fast import load_checkpoint
 from maskdit_fast.diffusion.edm import build_net
 from maskdit_fast.cli import sample_main
 from maskdit_fast.config import ModelConfig
-from maskdit_fast.convert_dit import convert_official_dit
+from maskdit_fast.convert import convert_official_dit
 from maskdit_fast.diffusion.ddpm_loss import ddpm_loss
 from maskdit_fast.diffusion.ddpm_precond import DDPMPrecond
 from maskdit_fast.dydit import load_dydit, load_dydit_config, model_flops, to_dydit
