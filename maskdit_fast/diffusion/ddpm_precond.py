@@ -10,7 +10,8 @@ so the denoised image is
 between two steps the network is told a fractional step index, interpolated linearly in log(sigma)
 between the neighbouring steps (DiT's timestep embedding is a smooth function of t, and the scaling
 1 / sqrt(1 + sigma^2) is exact for any sigma); sigmas outside [sigma_0, sigma_999] = [0.0100, 157.4]
-use the end steps' index (0 or 999) with their own exact scaling. So the EDM samplers, the
+use the end steps' index (0 or 999) with their own exact scaling. An index within 1e-3 of an integer
+is taken as that integer, so sigma_t given in float32 selects exactly step t. So the EDM samplers, the
 benchmarks, eval and DyDiT take DiT checkpoints as they are.
 
 ``predict`` gives the DDPM view (eps and the learned-variance values at an integer step) that the
