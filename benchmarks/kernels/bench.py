@@ -20,7 +20,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -56,24 +56,32 @@ class Result:
     of_copy: float  # Triton bandwidth / device-to-device copy bandwidth
 
 
-def _bytes(op: str, dims: Sequence[int], mode: str, elem: int, pos: bool = True) -> int:
+def _bytes(op: str, dims: Sequence[int], mode: str, elem: int | Mapping[str, int], pos: bool = True) -> int:
     """Bytes an ideal implementation reads and writes (per-sample (N, D) vectors included).
 
-    ``pos``: the token ops add a position table (L, D), read once.
+    ``elem``: bytes per element, one size for every tensor, or per role (a training step stores them
+    differently): ``stream`` (x, the residual r and their gradients; the token ops' tokens),
+    ``vectors`` (shift / scale / gate and their gradients), ``branch`` (y and dy), ``normed``
+    (layernorm_modulate's output and its gradient). ``pos``: the token ops add a position table
+    (L, D) in the stream's dtype, read once.
     """
+    sizes = {role: elem for role in ("stream", "vectors", "branch", "normed")} if isinstance(elem, int) else elem
     if op in ADALN_OPS:
         n, length, d = dims
-        big, vec, stats = n * length * d * elem, n * d * elem, n * length * 4
+        sx, sv, sy, so = (sizes[r] for r in ("stream", "vectors", "branch", "normed"))
+        big, vec, stats = n * length * d, n * d * sv, n * length * 4
         fwd, bwd = {
             # x -> out, mean, rstd | dout, x, mean, rstd -> dx, dshift, dscale
-            "layernorm_modulate": (2 * big + 2 * vec + 2 * stats, 3 * big + 3 * vec + 2 * stats),
+            "layernorm_modulate": ((sx + so) * big + 2 * vec + 2 * stats, (so + 2 * sx) * big + 3 * vec + 2 * stats),
             # x, y -> r | dr, y -> dy, dgate
-            "gated_residual": (3 * big + vec, 3 * big + 2 * vec),
+            "gated_residual": ((2 * sx + sy) * big + vec, (sx + 2 * sy) * big + 2 * vec),
             # x, y -> r, out, mean, rstd | dr, dout, r, y, mean, rstd -> dx, dy, dgate, dshift, dscale
-            "gated_residual_layernorm_modulate": (4 * big + 3 * vec + 2 * stats, 6 * big + 5 * vec + 2 * stats),
+            "gated_residual_layernorm_modulate": ((2 * sx + sy + so) * big + 3 * vec + 2 * stats,
+                                                  (3 * sx + 2 * sy + so) * big + 5 * vec + 2 * stats),
         }[op]
     else:
         n, length, k, d = dims
+        elem = sizes["stream"]
         kept, full, table = n * k * d * elem, n * length * d * elem, length * d * elem * pos
         fwd, bwd = {
             # x rows + pos table -> out | dout -> dx (zeros included)

@@ -70,23 +70,56 @@ GPUS = {
     "sm_80": Gpu("sm_80", 80, _common.GpuLimits(sms=108, smem=164 * 1024)),  # A100
 }
 
+@dataclass(frozen=True)
+class Dtypes:
+    """The storage dtype of each tensor role of an op in one kind of training step."""
+    name: str
+    stream: torch.dtype  # x, the residual r and their gradients; the token ops' tokens
+    vectors: torch.dtype  # shift / scale / gate: chunks of the adaLN Linear's output
+    branch: torch.dtype  # y: the attention / MLP output the gated residual adds
+    normed: torch.dtype  # layernorm_modulate's output as the next Linear (qkv, fc1) reads it
+
+    def sizes(self) -> dict[str, int]:
+        return {role: torch.empty((), dtype=getattr(self, role)).element_size()
+                for role in ("stream", "vectors", "branch", "normed")}
+
+    def describe(self) -> dict[str, str]:
+        return {role: str(getattr(self, role)).replace("torch.", "") for role in ("stream", "vectors", "branch", "normed")}
+
+
+# A bf16-autocast training step (maskdit_fast.models.precision, read off a DiT block's forward and
+# backward under torch.autocast): the residual stream is float32 for every architecture; the
+# modulation vectors come out of an autocast Linear in bf16, and so do the attention / MLP outputs;
+# the normalised output is read by an autocast Linear, which wants bf16. Gradients have their
+# tensor's dtype. The pure-bf16 rows (a model cast to bf16) are kept at one shape per adaLN op.
+TRAIN = Dtypes("train", torch.float32, torch.bfloat16, torch.bfloat16, torch.bfloat16)
+BF16 = Dtypes("bf16", torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.bfloat16)
+
 # DiT-XL/2 at 256 px: N = 64 images per GPU, L = 256 tokens, 128 kept at mask ratio 0.5, D = 1152;
-# decoder 512 wide. DyDiT packs the tokens routed to the MLP (about half) across the batch.
+# decoder 512 wide. DyDiT packs the tokens routed to the MLP (about half) across the batch: the
+# normalised output, in its dtype.
 N, L, K, D, D_DEC = 64, 256, 128, 1152, 512
 SCENARIOS = [
-    ("layernorm_modulate", "xl-L128", (N, K, D)),
-    ("layernorm_modulate", "xl-L256", (N, L, D)),
-    ("layernorm_modulate", "dec-L256", (N, L, D_DEC)),
-    ("gated_residual", "xl-L128", (N, K, D)),
-    ("gated_residual", "dec-L256", (N, L, D_DEC)),
-    ("gated_residual_layernorm_modulate", "xl-L128", (N, K, D)),
-    ("gated_residual_layernorm_modulate", "xl-L256", (N, L, D)),
-    ("gated_residual_layernorm_modulate", "dec-L256", (N, L, D_DEC)),
-    ("gather_tokens", "xl-L256-K128", (N, L, K, D)),
-    ("gather_tokens", "dydit-packed", (1, N * L, N * L // 2, D)),
-    ("scatter_tokens", "dec-L256-K128", (N, L, K, D_DEC)),
+    ("layernorm_modulate", "xl-L128", (N, K, D), TRAIN),
+    ("layernorm_modulate", "xl-L256", (N, L, D), TRAIN),
+    ("layernorm_modulate", "dec-L256", (N, L, D_DEC), TRAIN),
+    ("layernorm_modulate", "xl-L128", (N, K, D), BF16),
+    ("gated_residual", "xl-L128", (N, K, D), TRAIN),
+    ("gated_residual", "dec-L256", (N, L, D_DEC), TRAIN),
+    ("gated_residual", "xl-L128", (N, K, D), BF16),
+    ("gated_residual_layernorm_modulate", "xl-L128", (N, K, D), TRAIN),
+    ("gated_residual_layernorm_modulate", "xl-L256", (N, L, D), TRAIN),
+    ("gated_residual_layernorm_modulate", "dec-L256", (N, L, D_DEC), TRAIN),
+    ("gated_residual_layernorm_modulate", "xl-L128", (N, K, D), BF16),
+    ("gather_tokens", "xl-L256-K128", (N, L, K, D), TRAIN),
+    ("gather_tokens", "dydit-packed", (1, N * L, N * L // 2, D), TRAIN),
+    ("scatter_tokens", "dec-L256-K128", (N, L, K, D_DEC), TRAIN),
 ]
-DTYPE = torch.bfloat16
+
+
+def tokens_dtype(shape: str, dtypes: Dtypes) -> torch.dtype:
+    """The token ops' tensors: the residual stream, except DyDiT's packing of the normalised output."""
+    return dtypes.normed if shape == "dydit-packed" else dtypes.stream
 
 
 @dataclass
@@ -95,6 +128,7 @@ class Launch:
     kernel: str
     op: str
     shape: str
+    dtypes: str
     phase: str
     gpu: str
     grid: tuple[int, ...]
@@ -196,40 +230,51 @@ class TorchBytes(TorchDispatchMode):
         return out
 
 
-def _leaf(*shape, grad=True):
-    return (torch.randn(shape, dtype=torch.float32) + 0.1).to(DTYPE).requires_grad_(grad)
+def _leaf(*shape, dtype: torch.dtype, grad: bool = True) -> torch.Tensor:
+    return (torch.randn(shape, dtype=torch.float32) + 0.1).to(dtype).requires_grad_(grad)
 
 
-def op_inputs(op: str, dims: tuple[int, ...]):
-    """(callable, args, output shapes) of one public op at ``dims`` on CPU tensors, as a training step feeds it."""
+def op_inputs(op: str, shape: str, dims: tuple[int, ...], dtypes: Dtypes):
+    """(callable, args, output dtypes) of one public op at ``dims`` on CPU tensors, as a training step
+    feeds it; the callable returns the outputs as the next layer reads them (the normalised output
+    cast to the autocast dtype by the Linear that reads it, a no-op when the op already wrote it)."""
     if op in ("layernorm_modulate", "gated_residual", "gated_residual_layernorm_modulate"):
         n, length, d = dims
         # The adaLN vectors are chunks of one (N, 6D) Linear output: strided views, as in a DiT block.
-        mod = _leaf(n, 6 * d)
+        mod = _leaf(n, 6 * d, dtype=dtypes.vectors)
         shift, scale, gate = mod[:, :d], mod[:, d:2 * d], mod[:, 2 * d:3 * d]
-        x, y = _leaf(n, length, d), _leaf(n, length, d)
-        args = {"layernorm_modulate": (x, shift, scale), "gated_residual": (x, gate, y),
-                "gated_residual_layernorm_modulate": (x, gate, y, shift, scale)}[op]
-        return getattr(kernels, op), args, [(n, length, d)] * (2 if op == "gated_residual_layernorm_modulate" else 1)
+        x, y = _leaf(n, length, d, dtype=dtypes.stream), _leaf(n, length, d, dtype=dtypes.branch)
+        if op == "layernorm_modulate":
+            return lambda: [kernels.layernorm_modulate(x, shift, scale).to(dtypes.normed)], (x, shift, scale)
+        if op == "gated_residual":
+            return lambda: [kernels.gated_residual(x, gate, y)], (x, gate, y)
+
+        def fused():
+            r, normed = kernels.gated_residual_layernorm_modulate(x, gate, y, shift, scale)
+            return [r, normed.to(dtypes.normed)]
+        return fused, (x, gate, y, shift, scale)
     n, length, k, d = dims
+    dtype = tokens_dtype(shape, dtypes)
     ids = torch.rand(n, length).argsort(dim=1)[:, :k]
     if op == "gather_tokens":
         if n == 1:  # DyDiT: the packed tokens of the flattened batch, no position embedding
-            return kernels.gather_tokens, (_leaf(n, length, d), ids, None), [(n, k, d)]
-        return kernels.gather_tokens, (patch_embed_output(n, length, d), ids, _leaf(length, d, grad=False)), \
-            [(n, k, d)]
-    pos = _leaf(length, d, grad=False)
-    return kernels.scatter_tokens, (_leaf(n, k, d), ids, length, _leaf(d), pos), [(n, length, d)]
+            x = _leaf(n, length, d, dtype=dtype)
+            return lambda: [kernels.gather_tokens(x, ids, None)], (x,)
+        x, pos = patch_embed_output(n, length, d, dtype), _leaf(length, d, dtype=dtype, grad=False)
+        return lambda: [kernels.gather_tokens(x, ids, pos)], (x,)
+    x_keep, fill, pos = _leaf(n, k, d, dtype=dtype), _leaf(d, dtype=dtype), _leaf(length, d, dtype=dtype, grad=False)
+    return lambda: [kernels.scatter_tokens(x_keep, ids, length, fill, pos)], (x_keep, fill)
 
 
-def patch_embed_output(n: int, length: int, d: int) -> torch.Tensor:
-    """The tokens MaskDiT gathers from: the patch embedding's output, in the layout it really has."""
+def patch_embed_output(n: int, length: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    """The tokens MaskDiT gathers from: the patch embedding's output in the layout it really has, in
+    the residual stream's ``dtype``."""
     from maskdit_fast.models.layers import PatchEmbed
 
     side = int(length ** 0.5)
-    embed = PatchEmbed(4, d, 2).to(DTYPE)
+    embed = PatchEmbed(4, d, 2).to(dtype)
     with torch.no_grad():
-        tokens = embed(torch.randn(n, 4, 2 * side, 2 * side, dtype=DTYPE))
+        tokens = embed(torch.randn(n, 4, 2 * side, 2 * side, dtype=dtype))
     return tokens.requires_grad_()
 
 
@@ -258,24 +303,22 @@ def _gathered_rows(name: str, bound: dict) -> dict[str, int]:
     return {}
 
 
-def record_scenario(op: str, shape: str, dims: tuple[int, ...], gpu: Gpu) -> tuple[list[Launch], dict]:
+def record_scenario(op: str, shape: str, dims: tuple[int, ...], dtypes: Dtypes, gpu: Gpu) -> tuple[list[Launch], dict]:
     """Run ``op`` forward, then backward, recording launches and torch-op bytes of each phase."""
-    fn, args, out_shapes = op_inputs(op, dims)
+    fn, inputs = op_inputs(op, shape, dims, dtypes)
     launches: list[Launch] = []
     torch_bytes = {}
-    outs = None
+    outs = []
     with _common.simulated_gpu(gpu.limits), kernels.backend("triton"):
         for phase in ("fwd", "bwd"):
             calls: list = []
             mode = TorchBytes()
-            grads = [torch.randn(s).to(DTYPE) for s in out_shapes]
+            grads = [torch.randn(o.shape).to(o.dtype) for o in outs]
             with recording(calls, gpu), mode:
                 if phase == "fwd":
-                    outs = fn(*args)
-                    outs = list(outs) if isinstance(outs, tuple) else [outs]
+                    outs = fn()
                 else:  # autograd.grad: no accumulation into .grad (a copy a leaf of another layout would get)
-                    torch.autograd.grad(outs, [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad],
-                                        grads)
+                    torch.autograd.grad(outs, list(inputs), grads)
             torch_bytes[phase] = mode.ops
             for kernel, cargs, ckwargs, grid in calls:
                 src, options, params, constexprs = _specialise(kernel, cargs, ckwargs, gpu)
@@ -283,7 +326,8 @@ def record_scenario(op: str, shape: str, dims: tuple[int, ...], gpu: Gpu) -> tup
                 sizes = [gathered.get(name, footprint(v) if isinstance(v, torch.Tensor) else None)
                          for name, v in params.items()]
                 grid = tuple(grid) + (1,) * (3 - len(grid))
-                launches.append(Launch(kernel.__name__, op, shape, phase, gpu.name, grid, options.num_warps,
+                launches.append(Launch(kernel.__name__, op, shape, dtypes.name, phase, gpu.name, grid,
+                                       options.num_warps,
                                        {k: v for k, v in constexprs.items() if isinstance(v, (int, float, bool))},
                                        sizes, int(params.get("D", constexprs.get("D", 0)) or 0), (src, options)))
     return launches, torch_bytes
@@ -341,8 +385,8 @@ def build(gpus: Sequence[Gpu], scenarios=SCENARIOS) -> dict:
         raise RuntimeError("the static report compiles the kernels: run it without TRITON_INTERPRET=1")
     kernel_rows, op_rows = [], []
     for gpu in gpus:
-        for op, shape, dims in scenarios:
-            launches, torch_bytes = record_scenario(op, shape, dims, gpu)
+        for op, shape, dims, dtypes in scenarios:
+            launches, torch_bytes = record_scenario(op, shape, dims, dtypes, gpu)
             for phase in ("fwd", "bwd"):
                 kernel_bytes = 0
                 for launch in (x for x in launches if x.phase == phase):
@@ -357,7 +401,8 @@ def build(gpus: Sequence[Gpu], scenarios=SCENARIOS) -> dict:
                     width = launch.constexprs.get("BLOCK_D", 0) + launch.constexprs.get("BLOCK_E", 0)
                     padding = -(-launch.cols // width) * width / launch.cols if width and launch.cols else 1.0
                     kernel_rows.append(dict(
-                        kernel=launch.kernel, padding=padding, op=op, shape=shape, phase=phase, gpu=gpu.name,
+                        kernel=launch.kernel, padding=padding, op=op, shape=shape, dtypes=dtypes.name, phase=phase,
+                        gpu=gpu.name,
                         constexprs=launch.constexprs, num_warps=launch.num_warps, grid=launch.grid,
                         registers=b.registers, spills=b.spills, local_bytes=b.local_bytes, shared=b.shared,
                         blocks_per_sm=blocks, warps_per_sm=blocks * launch.num_warps,
@@ -365,18 +410,20 @@ def build(gpus: Sequence[Gpu], scenarios=SCENARIOS) -> dict:
                         wave_fill=waves / max(1, -(-programs // max(1, blocks * lim.sms))) if blocks else 0.0,
                         in_flight=blocks * launch.num_warps * 32 * b.step_load_bytes,
                         load_widths=b.loads, store_widths=b.stores, bytes=moved))
-                elem = torch.empty((), dtype=DTYPE).element_size()
-                dims = next(d for o, s, d in scenarios if (o, s) == (op, shape))
+                sizes = dtypes.sizes()
+                if op in ("gather_tokens", "scatter_tokens"):
+                    sizes["stream"] = torch.empty((), dtype=tokens_dtype(shape, dtypes)).element_size()
                 pos = shape != "dydit-packed"
-                minimum = _bytes(op, dims, "fwd", elem, pos)
+                minimum = _bytes(op, dims, "fwd", sizes, pos)
                 if phase == "bwd":
-                    minimum = _bytes(op, dims, "fwd+bwd", elem, pos) - minimum
+                    minimum = _bytes(op, dims, "fwd+bwd", sizes, pos) - minimum
                 extra = sum(b for _, b in torch_bytes[phase])
-                op_rows.append(dict(op=op, shape=shape, dims=dims, phase=phase, gpu=gpu.name,
+                op_rows.append(dict(op=op, shape=shape, dims=dims, dtypes=dtypes.name,
+                                    tensor_dtypes=dtypes.describe(), phase=phase, gpu=gpu.name,
                                     kernel_bytes=kernel_bytes, torch_bytes=extra,
                                     torch_ops=sorted({n for n, _ in torch_bytes[phase]}),
                                     minimum=minimum, ratio=(kernel_bytes + extra) / minimum))
-    return {"triton": triton.__version__, "torch": torch.__version__, "dtype": str(DTYPE),
+    return {"triton": triton.__version__, "torch": torch.__version__, "dtypes": {d.name: d.describe() for d in {s[3] for s in scenarios}},
             "gpus": [dict(name=g.name, arch=g.arch, **g.limits._asdict()) for g in gpus],
             "kernels": kernel_rows, "ops": op_rows}
 
@@ -397,7 +444,7 @@ def violations(report: dict) -> list[str]:
     """Every way the report misses a target: spills, occupancy, wave tails, padding, bytes over the minimum."""
     found = []
     for r in report["kernels"]:
-        where = f"{r['gpu']} {r['kernel']} ({r['op']} {r['shape']} {r['phase']})"
+        where = f"{r['gpu']} {r['kernel']} ({r['op']} {r['shape']} {r.get('dtypes', '')} {r['phase']})"
         if r["spills"]:
             found.append(f"{where}: {r['spills']} spill instructions")
         if r["kernel"] in SMALL_KERNELS:
@@ -412,7 +459,7 @@ def violations(report: dict) -> list[str]:
             found.append(f"{where}: column tiles {r['padding']:.2f}x the row width")
     for r in report["ops"]:
         if r["ratio"] > MAX_BYTES_RATIO:
-            found.append(f"{r['gpu']} {r['op']} ({r['shape']} {r['phase']}): moves {r['ratio']:.3f}x the minimum bytes")
+            found.append(f"{r['gpu']} {r['op']} ({r['shape']} {r.get('dtypes', '')} {r['phase']}): moves {r['ratio']:.3f}x the minimum bytes")
     return found
 
 
@@ -422,42 +469,42 @@ def _widths(w: dict) -> str:
 
 def tables(report: dict) -> str:
     """The report as two fixed-width tables: kernels (per launch), then bytes per op."""
-    head = (f"{'gpu':5} {'kernel':22} {'op':34} {'shape':14} {'ph':3} {'warps':>5} {'regs':>4} {'spill':>5} "
+    head = (f"{'gpu':5} {'kernel':22} {'op':34} {'shape':14} {'dtypes':6} {'ph':3} {'warps':>5} {'regs':>4} {'spill':>5} "
             f"{'smem':>6} {'blk/SM':>6} {'occ':>4} {'programs':>8} {'waves':>6} {'fill':>5} {'pad':>4} {'KB fl':>5}  ld / st widths")
     rows = [head, "-" * len(head)]
     for r in report["kernels"]:
-        rows.append(f"{r['gpu']:5} {r['kernel'].strip('_'):22} {r['op']:34} {r['shape']:14} {r['phase']:3} "
+        rows.append(f"{r['gpu']:5} {r['kernel'].strip('_'):22} {r['op']:34} {r['shape']:14} {r['dtypes']:6} {r['phase']:3} "
                     f"{r['num_warps']:5} {r['registers']:4} {r['spills']:5} {r['shared']:6} {r['blocks_per_sm']:6} "
                     f"{r['occupancy']:4.0%} {r['programs']:8} {r['waves']:6.2f} {r['wave_fill']:5.0%} {r['padding']:4.2f} {r['in_flight'] / 1024:5.0f}  "
                     f"{_widths(r['load_widths'])} / {_widths(r['store_widths'])}")
-    head2 = f"{'gpu':5} {'op':34} {'shape':14} {'ph':3} {'kernel MB':>9} {'torch MB':>8} {'min MB':>8} {'ratio':>6}  torch ops"
+    head2 = f"{'gpu':5} {'op':34} {'shape':14} {'dtypes':6} {'ph':3} {'kernel MB':>9} {'torch MB':>8} {'min MB':>8} {'ratio':>6}  torch ops"
     rows += ["", head2, "-" * len(head2)]
     for r in report["ops"]:
-        rows.append(f"{r['gpu']:5} {r['op']:34} {r['shape']:14} {r['phase']:3} {r['kernel_bytes'] / 1e6:9.2f} "
+        rows.append(f"{r['gpu']:5} {r['op']:34} {r['shape']:14} {r['dtypes']:6} {r['phase']:3} {r['kernel_bytes'] / 1e6:9.2f} "
                     f"{r['torch_bytes'] / 1e6:8.2f} {r['minimum'] / 1e6:8.2f} {r['ratio']:6.3f}  "
                     f"{', '.join(r['torch_ops']) or '-'}")
     return "\n".join(rows)
 
 
 def summary(report: dict) -> str:
-    """One markdown row per GPU, op and shape: the main kernel of each pass, and the op's bytes ratio."""
+    """One markdown row per GPU, op, shape and dtypes: the main kernel of each pass, and the op's bytes ratio."""
     main = {}
     for r in report["kernels"]:
         if r["kernel"] not in SMALL_KERNELS:
-            main.setdefault((r["gpu"], r["op"], r["shape"], r["phase"]), r)
-    ratio = {(r["gpu"], r["op"], r["shape"], r["phase"]): r["ratio"] for r in report["ops"]}
+            main.setdefault((r["gpu"], r["op"], r["shape"], r["dtypes"], r["phase"]), r)
+    ratio = {(r["gpu"], r["op"], r["shape"], r["dtypes"], r["phase"]): r["ratio"] for r in report["ops"]}
 
     def cell(r: dict) -> str:
         return (f"{r['registers']} / {r['num_warps']}w / {r['occupancy']:.0%} / {r['waves']:.2f} / "
                 f"{r['in_flight'] // 1024} KB / {max((int(w) for w in r['load_widths']), default=0)} B")
 
-    rows = ["| GPU | op | shape | fwd: regs / warps / occupancy / waves / in flight / widest load | bwd: same | "
-            "bytes / minimum fwd, bwd |", "|---|---|---|---|---|---|"]
-    for (gpu, op, shape, phase), r in main.items():
+    rows = ["| GPU | op | shape | dtypes | fwd: regs / warps / occupancy / waves / in flight / widest load | "
+            "bwd: same | bytes / minimum fwd, bwd |", "|---|---|---|---|---|---|---|"]
+    for (gpu, op, shape, dtypes, phase), r in main.items():
         if phase == "fwd":
-            b = main[(gpu, op, shape, "bwd")]
-            rows.append(f"| {gpu} | {op} | {shape} | {cell(r)} | {cell(b)} | "
-                        f"{ratio[(gpu, op, shape, 'fwd')]:.3f}, {ratio[(gpu, op, shape, 'bwd')]:.3f} |")
+            key = (gpu, op, shape, dtypes)
+            rows.append(f"| {gpu} | {op} | {shape} | {dtypes} | {cell(r)} | {cell(main[(*key, 'bwd')])} | "
+                        f"{ratio[(*key, 'fwd')]:.3f}, {ratio[(*key, 'bwd')]:.3f} |")
     return "\n".join(rows)
 
 
