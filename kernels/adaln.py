@@ -234,11 +234,13 @@ def _row_stride(v: torch.Tensor) -> int:
     return 0 if v.shape[0] == 1 else v.stride(0)
 
 
-def _launch_fwd(x, gate, y, shift, scale, eps: float, has_residual: bool, has_norm: bool):
-    """Returns ``(r, normed, mean, rstd)`` with the norm, else just ``r``; ``r`` is ``x`` without residual."""
+def _launch_fwd(x, gate, y, shift, scale, eps: float, has_residual: bool, has_norm: bool,
+                out_dtype: torch.dtype | None = None):
+    """Returns ``(r, normed, mean, rstd)`` with the norm (normed in ``out_dtype``, default x's), else
+    just ``r``; ``r`` is ``x`` without residual."""
     n, length, d = x.shape
     r = torch.empty_like(x) if has_residual else x
-    out = torch.empty_like(x) if has_norm else r
+    out = torch.empty_like(x, dtype=out_dtype or x.dtype) if has_norm else r
     mean, rstd = [torch.empty((n, length), dtype=torch.float32, device=x.device) for _ in range(2)] if has_norm \
         else (None, None)
     if x.numel() > 0:
@@ -283,16 +285,17 @@ def _launch_bwd(dr, dout, xr, y, gate, shift_like, scale, mean, rstd, has_residu
 
 @torch.library.custom_op("maskdit::layernorm_modulate", mutates_args=())
 def _layernorm_modulate_op(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, out_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _, out, mean, rstd = _launch_fwd(x.contiguous(), None, None, _vec(shift), _vec(scale), eps, False, True)
+    _, out, mean, rstd = _launch_fwd(x.contiguous(), None, None, _vec(shift), _vec(scale), eps, False, True,
+                                     out_dtype)
     return out, mean, rstd
 
 
 @_layernorm_modulate_op.register_fake
-def _(x, shift, scale, eps):
+def _(x, shift, scale, eps, out_dtype):
     stats = x.new_empty(x.shape[:2], dtype=torch.float32)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, stats.clone()
+    return torch.empty_like(x, dtype=out_dtype, memory_format=torch.contiguous_format), stats, stats.clone()
 
 
 @torch.library.custom_op("maskdit::layernorm_modulate_backward", mutates_args=())
@@ -313,7 +316,7 @@ def _(dr, dout, x, shift, scale, mean, rstd):
 
 
 def _layernorm_modulate_setup(ctx, inputs, output):
-    x, shift, scale, _ = inputs
+    x, shift, scale, _, _ = inputs
     _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     ctx.save_for_backward(x, shift, scale, mean, rstd)
@@ -322,22 +325,26 @@ def _layernorm_modulate_setup(ctx, inputs, output):
 def _layernorm_modulate_backward(ctx, dout, _dmean, _drstd):
     x, shift, scale, mean, rstd = ctx.saved_tensors
     dx, dshift, dscale = _layernorm_modulate_bwd_op(None, dout, x, shift, scale, mean, rstd)
-    return dx, dshift, dscale, None
+    return dx, dshift, dscale, None, None
 
 
 _layernorm_modulate_op.register_autograd(_layernorm_modulate_backward, setup_context=_layernorm_modulate_setup)
 
 
-def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,
+                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """LayerNorm without affine, then ``* (1 + scale[n]) + shift[n]``.
 
-    x: (N, L, D); shift, scale: (N, D) or (1, D) (broadcast over the batch) -> (N, L, D).
+    x: (N, L, D); shift, scale: (N, D) or (1, D) (broadcast over the batch) -> (N, L, D) in ``out_dtype``
+    (default: x's dtype; the autocast dtype when a Linear under autocast reads it: its cast then
+    costs no extra pass). The maths is float32 whatever the dtypes.
     """
     for v, name in ((shift, "shift"), (scale, "scale")):
         _check_vector(v, x, name)
+    out_dtype = out_dtype or x.dtype
     if use_triton(x):
-        return _layernorm_modulate_op(x, shift, scale, eps)[0]
-    return reference.layernorm_modulate(x, shift, scale, eps)
+        return _layernorm_modulate_op(x, shift, scale, eps, out_dtype)[0]
+    return reference.layernorm_modulate(x, shift, scale, eps, out_dtype)
 
 
 class _ResidualLayerNormModulate(torch.autograd.Function):
@@ -345,8 +352,8 @@ class _ResidualLayerNormModulate(torch.autograd.Function):
     its gradient reaches the norm's backward kernel, which adds it in (no extra N x L x D pass)."""
 
     @staticmethod
-    def forward(ctx, x, shift, scale, eps):
-        out, mean, rstd = _layernorm_modulate_op(x, shift, scale, eps)
+    def forward(ctx, x, shift, scale, eps, out_dtype):
+        out, mean, rstd = _layernorm_modulate_op(x, shift, scale, eps, out_dtype)
         ctx.save_for_backward(x, shift, scale, mean, rstd)
         return x.view_as(x), out
 
@@ -354,26 +361,28 @@ class _ResidualLayerNormModulate(torch.autograd.Function):
     def backward(ctx, dres, dout):
         x, shift, scale, mean, rstd = ctx.saved_tensors
         if dout is None:
-            return dres, None, None, None
+            return dres, None, None, None, None
         dx, dshift, dscale = _layernorm_modulate_bwd_op(dres, dout, x, shift, scale, mean, rstd)
-        return dx, dshift, dscale, None
+        return dx, dshift, dscale, None, None
 
 
 def residual_layernorm_modulate(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6, out_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x, layernorm_modulate(x, shift, scale))`` for a block whose input feeds both its norm and its
     residual stream: use the first output as the residual. Its gradient and the norm's are summed
     inside the backward kernel instead of by autograd (which would read two and write one
     N x L x D gradient more).
 
-    x: (N, L, D); shift, scale: (N, D) or (1, D) -> (x, normed), both (N, L, D).
+    x: (N, L, D); shift, scale: (N, D) or (1, D) -> (x, normed), both (N, L, D), normed in ``out_dtype``
+    (default: x's dtype).
     """
     for v, name in ((shift, "shift"), (scale, "scale")):
         _check_vector(v, x, name)
+    out_dtype = out_dtype or x.dtype
     if use_triton(x):
-        return _ResidualLayerNormModulate.apply(x, shift, scale, eps)
-    return x, reference.layernorm_modulate(x, shift, scale, eps)
+        return _ResidualLayerNormModulate.apply(x, shift, scale, eps, out_dtype)
+    return x, reference.layernorm_modulate(x, shift, scale, eps, out_dtype)
 
 
 # ---------------------------------------------------------------------------------- gated_residual
@@ -429,16 +438,18 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
 
 @torch.library.custom_op("maskdit::gated_residual_layernorm_modulate", mutates_args=())
 def _fused_op(
-    x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+    x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+    out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch_fwd(x.contiguous(), _vec(gate), y.contiguous(), _vec(shift), _vec(scale), eps, True, True)
+    return _launch_fwd(x.contiguous(), _vec(gate), y.contiguous(), _vec(shift), _vec(scale), eps, True, True,
+                       out_dtype)
 
 
 @_fused_op.register_fake
-def _(x, gate, y, shift, scale, eps):
+def _(x, gate, y, shift, scale, eps, out_dtype):
     stats = x.new_empty(x.shape[:2], dtype=torch.float32)
     r = torch.empty_like(x, memory_format=torch.contiguous_format)
-    return r, torch.empty_like(r), stats, stats.clone()
+    return r, torch.empty_like(r, dtype=out_dtype), stats, stats.clone()
 
 
 @torch.library.custom_op("maskdit::gated_residual_layernorm_modulate_backward", mutates_args=())
@@ -460,7 +471,7 @@ def _(dr, dout, r, gate, y, shift, scale, mean, rstd):
 
 
 def _fused_setup(ctx, inputs, output):
-    _, gate, y, shift, scale, _ = inputs
+    _, gate, y, shift, scale, _, _ = inputs
     r, _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     ctx.save_for_backward(r, gate, y, shift, scale, mean, rstd)
@@ -469,7 +480,7 @@ def _fused_setup(ctx, inputs, output):
 def _fused_backward(ctx, dr, dout, _dmean, _drstd):
     r, gate, y, shift, scale, mean, rstd = ctx.saved_tensors
     dx, dy, dgate, dshift, dscale = _fused_bwd_op(dr, dout, r, gate, y, shift, scale, mean, rstd)
-    return dx, dgate, dy, dshift, dscale, None
+    return dx, dgate, dy, dshift, dscale, None, None
 
 
 _fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
@@ -482,16 +493,18 @@ def gated_residual_layernorm_modulate(
     shift: torch.Tensor,
     scale: torch.Tensor,
     eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``r = x + gate[n] * y`` and ``layernorm_modulate(r, shift, scale)`` in one pass.
 
-    x, y: (N, L, D); gate, shift, scale: (N, D) or (1, D) -> (r, normed), both (N, L, D).
-    The kernel reads x and y once and writes r and normed once (plus 8 bytes of float32
-    mean/rstd per row, saved for the backward).
+    x, y: (N, L, D); gate, shift, scale: (N, D) or (1, D) -> (r, normed), both (N, L, D), r in x's
+    dtype, normed in ``out_dtype`` (default: x's dtype). The kernel reads x and y once and writes
+    r and normed once (plus 8 bytes of float32 mean/rstd per row, saved for the backward).
     """
     for v, name in ((gate, "gate"), (shift, "shift"), (scale, "scale")):
         _check_vector(v, x, name)
+    out_dtype = out_dtype or x.dtype
     if use_triton(x):
-        r, out, _, _ = _fused_op(x, gate, y, shift, scale, eps)
+        r, out, _, _ = _fused_op(x, gate, y, shift, scale, eps, out_dtype)
         return r, out
-    return reference.gated_residual_layernorm_modulate(x, gate, y, shift, scale, eps)
+    return reference.gated_residual_layernorm_modulate(x, gate, y, shift, scale, eps, out_dtype)

@@ -15,15 +15,16 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
-def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,
+                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """LayerNorm without affine, then ``* (1 + scale[n]) + shift[n]``.
 
-    x: (N, L, D); shift, scale: (N, D) -> (N, L, D) in x's dtype.
+    x: (N, L, D); shift, scale: (N, D) -> (N, L, D) in ``out_dtype`` (default: x's dtype).
     """
     xf = _wide(x)
     normed = F.layer_norm(xf, (x.shape[-1],), eps=eps)
     out = normed * (1.0 + _wide(scale).unsqueeze(1)) + _wide(shift).unsqueeze(1)
-    return out.to(x.dtype)
+    return out.to(out_dtype or x.dtype)
 
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -38,14 +39,16 @@ def gated_residual_layernorm_modulate(
     shift: torch.Tensor,
     scale: torch.Tensor,
     eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The DiT block's "add, then norm for the next sub-layer" pair.
 
     x, y: (N, L, D); gate, shift, scale: (N, D) ->
-    (residual = x + gate*y, layernorm_modulate(residual, shift, scale)), both (N, L, D).
+    (residual = x + gate*y in x's dtype, layernorm_modulate(residual, shift, scale) in ``out_dtype``),
+    both (N, L, D).
     """
     residual = gated_residual(x, gate, y)
-    return residual, layernorm_modulate(residual, shift, scale, eps)
+    return residual, layernorm_modulate(residual, shift, scale, eps, out_dtype)
 
 
 def _flat_ids(ids_keep: torch.Tensor, length: int) -> torch.Tensor:

@@ -235,9 +235,10 @@ def _leaf(*shape, dtype: torch.dtype, grad: bool = True) -> torch.Tensor:
 
 
 def op_inputs(op: str, shape: str, dims: tuple[int, ...], dtypes: Dtypes):
-    """(callable, args, output dtypes) of one public op at ``dims`` on CPU tensors, as a training step
-    feeds it; the callable returns the outputs as the next layer reads them (the normalised output
-    cast to the autocast dtype by the Linear that reads it, a no-op when the op already wrote it)."""
+    """(callable, differentiable inputs) of one public op at ``dims`` on CPU tensors, as a training step
+    runs it: the normalised output written in ``dtypes.normed`` (``out_dtype``, as the model layers
+    set it under autocast), then cast to it as the Linear that reads it does (a no-op then; a full
+    extra pass, counted, for an op that wrote another dtype)."""
     if op in ("layernorm_modulate", "gated_residual", "gated_residual_layernorm_modulate"):
         n, length, d = dims
         # The adaLN vectors are chunks of one (N, 6D) Linear output: strided views, as in a DiT block.
@@ -245,12 +246,12 @@ def op_inputs(op: str, shape: str, dims: tuple[int, ...], dtypes: Dtypes):
         shift, scale, gate = mod[:, :d], mod[:, d:2 * d], mod[:, 2 * d:3 * d]
         x, y = _leaf(n, length, d, dtype=dtypes.stream), _leaf(n, length, d, dtype=dtypes.branch)
         if op == "layernorm_modulate":
-            return lambda: [kernels.layernorm_modulate(x, shift, scale).to(dtypes.normed)], (x, shift, scale)
+            return lambda: [kernels.layernorm_modulate(x, shift, scale, out_dtype=dtypes.normed).to(dtypes.normed)], (x, shift, scale)
         if op == "gated_residual":
             return lambda: [kernels.gated_residual(x, gate, y)], (x, gate, y)
 
         def fused():
-            r, normed = kernels.gated_residual_layernorm_modulate(x, gate, y, shift, scale)
+            r, normed = kernels.gated_residual_layernorm_modulate(x, gate, y, shift, scale, out_dtype=dtypes.normed)
             return [r, normed.to(dtypes.normed)]
         return fused, (x, gate, y, shift, scale)
     n, length, k, d = dims

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 import kernels
 
+from .precision import normed_dtype
+
 
 def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
     """Fixed 2-D sin-cos position embedding (the MAE recipe).
@@ -184,8 +186,10 @@ class DiTBlock(nn.Module):
     def attention_step(x: torch.Tensor, mod: tuple[torch.Tensor, ...], attention) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (N, L, D) -> (x + gate_msa * attention(LN+mod(x)), LN+mod of that for the MLP), both (N, L, D)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, _ = mod
-        x, h = kernels.residual_layernorm_modulate(x, shift_msa, scale_msa)  # x's two gradients summed in-kernel
-        return kernels.gated_residual_layernorm_modulate(x, gate_msa, attention(h), shift_mlp, scale_mlp)
+        # x's two gradients summed in-kernel; h in the dtype the qkv Linear reads
+        x, h = kernels.residual_layernorm_modulate(x, shift_msa, scale_msa, out_dtype=normed_dtype(x))
+        return kernels.gated_residual_layernorm_modulate(x, gate_msa, attention(h), shift_mlp, scale_mlp,
+                                                         out_dtype=normed_dtype(x))
 
     @staticmethod
     def mlp_step(x: torch.Tensor, h: torch.Tensor, mod: tuple[torch.Tensor, ...], mlp) -> torch.Tensor:
@@ -204,7 +208,7 @@ class ModulatedLinear(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """x: (N, L, D), c: (N, cond_dim) -> (N, L, out_dim)."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(kernels.layernorm_modulate(x, shift, scale))
+        return self.linear(kernels.layernorm_modulate(x, shift, scale, out_dtype=normed_dtype(x)))
 
 
 def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:

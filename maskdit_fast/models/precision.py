@@ -39,6 +39,14 @@ def to_residual(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return tokens.to(like.dtype)
 
 
+def normed_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype a LayerNorm+modulate output should be written in for the Linear that reads it: the
+    autocast dtype when autocast is on for x's device (the Linear's cast is then a no-op), else None
+    (x's own dtype)."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` -> ``bf16`` on CUDA, ``fp32`` elsewhere (training and sampling alike); others are kept."""
     if precision == "auto":

@@ -147,18 +147,22 @@ def test_unused_residual_output(assert_close, device):
         assert_close(a.grad.cpu(), b.grad, torch.float32)
 
 
-@pytest.mark.parametrize("op", ["layernorm_modulate", "gated_residual", "gated_residual_layernorm_modulate"])
-def test_opcheck(op, device):
+@pytest.mark.parametrize("op, out_dtype", [("layernorm_modulate", torch.float32), ("layernorm_modulate", torch.bfloat16),
+                                           ("gated_residual", None),
+                                           ("gated_residual_layernorm_modulate", torch.float32),
+                                           ("gated_residual_layernorm_modulate", torch.bfloat16)])
+def test_opcheck(op, out_dtype, device):
     names = OPS[op][2]
     ours, _ = _inputs((2, 3, 40), torch.float32, device, names)
-    args = tuple(ours) + ((1e-6,) if "layernorm" in op else ())
+    args = tuple(ours) + ((1e-6, out_dtype) if "layernorm" in op else ())
     torch.library.opcheck(getattr(torch.ops.maskdit, op).default, args)
 
 
 def test_opcheck_backward_ops(device):
     (x, gate, y, shift, scale), _ = _inputs((2, 3, 40), torch.float32, device, ("x", "gate", "y", "shift", "scale"))
     x, gate, y, scale = (t.detach() for t in (x, gate, y, scale))
-    r, _, mean, rstd = torch.ops.maskdit.gated_residual_layernorm_modulate(x, gate, y, shift.detach(), scale, 1e-6)
+    r, _, mean, rstd = torch.ops.maskdit.gated_residual_layernorm_modulate(x, gate, y, shift.detach(), scale, 1e-6,
+                                                                       torch.float32)
     dout = torch.randn_like(x)
     shift = shift.detach()
     for dr in (None, dout.clone()):
@@ -220,6 +224,40 @@ def test_mixed_dtypes_follow_each_input(assert_close, device):
         assert_close(g, r, dtypes[name], f"grad {name}")
     for o, r in zip(outs, ref_outs):
         assert_close(o, r, torch.float32)
+
+
+@pytest.mark.parametrize("op", ["layernorm_modulate", "residual_layernorm_modulate", "gated_residual_layernorm_modulate"])
+@pytest.mark.parametrize("d", [72, 1152])
+def test_out_dtype_writes_the_normed_output_in_that_dtype(op, d, assert_close, device):
+    """A training step's dtypes (float32 stream, bf16 vectors and branch) with ``out_dtype=bf16``: the
+    normalised output is written in bf16 (what the next autocast Linear reads), the residual stays in
+    x's dtype, the gradients in each input's; all against float64."""
+    dtypes = {"x": torch.float32, "gate": torch.bfloat16, "y": torch.bfloat16, "shift": torch.bfloat16,
+              "scale": torch.bfloat16}
+    names = tuple(dtypes) if op == "gated_residual_layernorm_modulate" else ("x", "shift", "scale")
+    ours, truth = [], []
+    for name in names:
+        (t,), (t64,) = _inputs((2, 5, d), dtypes[name], device, (name,))
+        ours.append(t)
+        truth.append(t64)
+
+    def residual_reference(x, shift, scale):
+        return x, reference.layernorm_modulate(x, shift, scale)
+
+    ref = residual_reference if op == "residual_layernorm_modulate" else getattr(reference, op)
+    outs = getattr(kernels, op)(*ours, out_dtype=torch.bfloat16)
+    outs = list(outs) if isinstance(outs, tuple) else [outs]
+    assert [o.dtype for o in outs] == [torch.float32] * (len(outs) - 1) + [torch.bfloat16]
+    upstream = [torch.randn(o.shape, dtype=torch.float64).to(o.dtype) for o in outs]
+    torch.autograd.backward(outs, [g.to(device) for g in upstream])
+    ref_outs = ref(*truth)
+    ref_outs = list(ref_outs) if isinstance(ref_outs, tuple) else [ref_outs]
+    torch.autograd.backward(ref_outs, [g.double() for g in upstream])
+    for o, r in zip(outs, ref_outs):
+        assert_close(o.detach().cpu(), r, o.dtype)
+    for name, a, b in zip(names, ours, truth):
+        assert a.grad.dtype == dtypes[name]
+        assert_close(a.grad.cpu(), b.grad, dtypes[name], f"{op} grad {name}")
 
 
 @pytest.mark.parametrize("d", [72, 512, 1152, 33])
