@@ -5,7 +5,8 @@
 # 0.7/0.5/0.3, loader throughput next to the XL/2 step rate, kernel microbenchmarks, and short bf16
 # MNIST trainings with kernels on and off (same seed: losses must agree) with their sample grids.
 #
-#   bash benchmarks/gpu_validation.sh core    # what the open issues need first: kernel tests, XL/2
+#   bash benchmarks/gpu_validation.sh core    # what the open issues need first: static kernel report
+#                                             # for this GPU, kernel tests, XL/2
 #                                             # report, DyDiT XL/2, loaders, XL/2 MaskDiT profile
 #   bash benchmarks/gpu_validation.sh more    # the rest of the suite on the GPU, kernels, B/2 + L/2,
 #                                             # DiT profile, MNIST bf16 runs, XL/2 torch.compile
@@ -142,17 +143,28 @@ else:
 EOF
 }
 
+# The static kernel report (benchmarks/kernels/static.py) for this machine's GPU (sm_90 and sm_80
+# without one): it compiles, launches nothing, and fails on a missed target. Not under the interpreter.
+static_report() {
+  local gpus
+  gpus=$($PY -c "import torch; print('sm_%d%d' % torch.cuda.get_device_capability() if torch.cuda.is_available() else 'sm_90,sm_80')") || return 1
+  env -u TRITON_INTERPRET "$PY" -m benchmarks.kernels.static --check --gpus "$gpus" --json "$WORK/static-kernels.json"
+}
+
 XDIST=(); $PY -c "import xdist" 2>/dev/null && XDIST=(-n 8)
 export PY DEV WORK GPU_VALIDATION_WORK
-export -f env_info mnist_runs loaders_vs_step
+export -f env_info mnist_runs loaders_vs_step static_report
 
 case $phase in
 core)
   headline "$WORK/report-xl2/report.md" "^- (fastest|highest|targets)"
   headline "$WORK/dydit-xl2.md" "^\| "
   headline "$WORK/loaders.log" "loader on|XL/2 training|no core-phase"
+  headline "$WORK/static-kernels.log" "targets missed"
   step env 20 env_info
-  step tests-kernels 110 $PY -m pytest -q -p no:cacheprovider "${XDIST[@]}" tests/kernels tests/dydit/test_tokens.py
+  step static-kernels 60 static_report
+  step tests-kernels 90 $PY -m pytest -q -p no:cacheprovider "${XDIST[@]}" tests/kernels tests/dydit/test_tokens.py \
+    --ignore tests/kernels/test_static_report.py
   step report-xl2 130 $PY -m benchmarks.report --device cuda --models XL/2 --batch 64 \
     --variants dit+kernels,mask50,mask50+kernels --sample-variants dit,maskdit+kernels --sweep-batch none \
     --warmup 5 --steps 20 --sample-steps 18 --sample-reps 3 --out "$WORK/report-xl2"
@@ -194,7 +206,9 @@ smoke)
   headline "$WORK/dydit-tiny.md" "^\| "
   headline "$WORK/loaders.log" "loader on|XL/2 training|no core-phase"
   headline "$WORK/mnist.log" "apart"
+  headline "$WORK/static-kernels.log" "targets missed"
   step env 60 env_info
+  step static-kernels 600 static_report
   step tests-kernels 600 $PY -m pytest -q -p no:cacheprovider tests/dydit/test_tokens.py
   step report 600 $PY -m benchmarks.report --tiny --device cpu --out "$WORK/report-tiny" --no-plots
   step dydit 300 $PY benchmarks/dydit.py --tiny --out "$WORK/dydit-tiny"
