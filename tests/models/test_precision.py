@@ -39,3 +39,23 @@ def test_the_policy_is_named_for_benchmark_rows():
     assert precision_policy("fp32") != precision_policy("bf16")
     with pytest.raises(ValueError, match="precision must be one of"):
         precision_policy("fp8")
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_normed_outputs_reach_their_linears_in_the_autocast_dtype(autocast):
+    """The LayerNorm+modulate kernels write the dtype the next Linear computes in (``out_dtype``), so
+    autocast has nothing to cast; without autocast they stay in the stream's dtype."""
+    from maskdit_fast.models.layers import Attention, Mlp, ModulatedLinear
+
+    net = build_net(tiny_model_config(arch="maskdit", mask_ratio=0.5)).eval()
+    readers = [m.qkv if isinstance(m, Attention) else m.fc1 if isinstance(m, Mlp) else m.linear
+               for m in net.modules() if isinstance(m, (Attention, Mlp, ModulatedLinear))]
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda _, args: seen.append(args[0].dtype)) for m in readers]
+    x, sigma, y = torch.randn(2, 1, 32, 32), torch.rand(2) + 0.1, torch.tensor([1, 7])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        net(x, sigma, y, ids_keep=random_masking(2, net.model.num_patches, 0.5))
+    for hook in hooks:
+        hook.remove()
+    assert len(seen) == len(readers) > 0
+    assert set(seen) == {torch.bfloat16 if autocast else RESIDUAL_DTYPE}
