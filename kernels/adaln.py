@@ -94,7 +94,7 @@ def _adaln_bwd_kernel(
     DX, DY, PARTIAL,  # outputs: (N, L, D), (N, L, D), float32 (P, N, C, D) partial sums
     L, D, rows_per_chunk, stride_gate, stride_scale,
     HAS_RESIDUAL: tl.constexpr, HAS_NORM: tl.constexpr, HAS_DR: tl.constexpr, NORM_SLOT: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    LATE_Y: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     # XR is the normalised input: x for layernorm_modulate, the saved residual r for the fused op.
     # PARTIAL slots: [dgate] if HAS_RESIDUAL, then [dshift, dscale] from NORM_SLOT if HAS_NORM.
@@ -128,13 +128,14 @@ def _adaln_bwd_kernel(
         oe = rows[:, None] * D + ce[None, :]
         md = row_ok[:, None]
         me = row_ok[:, None] & ce_ok[None, :]
-        # Every load of the step is issued before the first reduction (one memory round trip per step);
-        # dr and y stay in their storage dtype until used (bf16: half the registers while in flight).
+        # Every load of the step is issued before the first reduction (one memory round trip per step;
+        # y after it with LATE_Y, see the launch shapes); dr and y stay in their storage dtype until
+        # used (bf16: half the registers while in flight).
         if HAS_DR:
             drd = tl.load(DR + od, mask=md, other=0.0)
             if BLOCK_E > 0:
                 dre = tl.load(DR + oe, mask=me, other=0.0)
-        if HAS_RESIDUAL:
+        if HAS_RESIDUAL and not LATE_Y:
             yd = tl.load(Y + od, mask=md, other=0.0)
             if BLOCK_E > 0:
                 ye = tl.load(Y + oe, mask=me, other=0.0)
@@ -163,6 +164,10 @@ def _adaln_bwd_kernel(
                 s_gx += tl.sum(ge * xhe, axis=1)
             s_g = (s_g / D)[:, None]
             s_gx = (s_gx / D)[:, None]
+            if LATE_Y:  # issued after the reductions, overlapping dx's arithmetic and stores
+                yd = tl.load(Y + od, mask=md, other=0.0)
+                if BLOCK_E > 0:
+                    ye = tl.load(Y + oe, mask=me, other=0.0)
             dxd = (gd - s_g - xhd * s_gx) * rstd
             if BLOCK_E > 0:
                 dxe = (ge - s_g - xhe * s_gx) * rstd
@@ -211,7 +216,10 @@ def _adaln_bwd_kernel(
 # - backward: ~110 registers at 4 elements per thread, so one 16-warp program per SM whatever the
 #   split. Argued instead: at 8 elements per thread (128 registers, no spill) it issues 16-byte loads
 #   of dr, y, dout and r before each step's reductions: 512 threads x 4 x 16 bytes = 32 KB (+4 KB
-#   of the second tile) in flight per SM, what 32 warps of 8-byte loads would have.
+#   of the second tile) in flight per SM, what 32 warps of 8-byte loads would have. With a float32
+#   residual stream (a training step's) that spills; it loads y only after the row reductions
+#   (LATE_Y): 128 registers, no spill, and dr, r (float32) and dout (bf16) still before them,
+#   512 threads x 80 bytes = 40 KB in flight per SM; y's load overlaps dx's arithmetic and stores.
 _FWD_TILES, _FWD_FUSED_TWO_TILES = (4, 8), (8, 4)
 _BWD_TILES, _BWD_FUSED_TWO_TILES = (16, 4), (16, 8)
 
@@ -272,7 +280,8 @@ def _launch_bwd(dr, dout, xr, y, gate, shift_like, scale, mean, rstd, has_residu
         dr, dout, xr, y, gate, scale, mean, rstd, dx, dy, part, length, d, rows_per_chunk,
         _row_stride(gate) if has_residual else 0, _row_stride(scale) if has_norm else 0,
     ), dict(HAS_RESIDUAL=has_residual, HAS_NORM=has_norm, HAS_DR=has_dr, NORM_SLOT=int(has_residual),
-            ROWS=tiles.rows, BLOCK_D=tiles.block_d, BLOCK_E=tiles.block_e, num_warps=tiles.num_warps),
+            LATE_Y=two_tiles and xr.element_size() == 4, ROWS=tiles.rows, BLOCK_D=tiles.block_d,
+            BLOCK_E=tiles.block_e, num_warps=tiles.num_warps),
         partial_width=d, partial_slots=len(vectors))
     # A (1, D) vector's gradient sums the partials of every sample: one (1, N*C, D) view.
     sums = [sum_partials(partial[i].view(v.shape[0], -1, d), v.dtype) for i, v in enumerate(vectors)]
