@@ -3,7 +3,8 @@
     python -m benchmarks.kernels.static                    # table on stdout, JSON in static-report.json
     python -m benchmarks.kernels.static --json out.json --gpus sm_90
 
-Every public op runs at the DiT-XL/2 training shapes on CPU tensors with the Triton backend forced,
+Every public op runs at the DiT-XL/2 training shapes, in the dtypes a bf16-autocast training step
+gives its tensors (:data:`TRAIN`; a few pure-bf16 rows too), on CPU tensors with the Triton backend forced,
 while ``JITFunction.run`` is replaced by a recorder: the launchers build their real grids (sized for
 the simulated GPU's SM count), arguments, constexprs and ``num_warps``, and nothing launches. Each
 recorded call is then specialised exactly as Triton's launcher does it (its binder: divisibility by

@@ -33,9 +33,25 @@ def test_every_kernel_of_every_op_compiles_for_both_gpus(report):
     from benchmarks.kernels.static import SCENARIOS
 
     for gpu in ("sm_90", "sm_80"):
-        seen = {(r["op"], r["shape"], r["phase"]) for r in report["kernels"] if r["gpu"] == gpu}
-        assert seen == {(op, shape, phase) for op, shape, _ in SCENARIOS for phase in ("fwd", "bwd")}, gpu
+        seen = {(r["op"], r["shape"], r["dtypes"], r["phase"]) for r in report["kernels"] if r["gpu"] == gpu}
+        assert seen == {(op, shape, dtypes.name, phase) for op, shape, _, dtypes in SCENARIOS
+                        for phase in ("fwd", "bwd")}, gpu
     assert all(r["registers"] > 0 and r["load_widths"] and r["store_widths"] for r in report["kernels"])
+
+
+def test_rows_are_in_a_training_steps_dtypes(report):
+    """The adaLN ops read a float32 residual stream and bf16 vectors / branch outputs, and write the
+    normalised output in bf16, as under bf16 autocast; the minimum bytes follow those dtypes."""
+    from benchmarks.kernels.bench import _bytes
+
+    train = [r for r in report["ops"] if r["dtypes"] == "train" and r["op"] == "layernorm_modulate"]
+    assert train and report["dtypes"]["train"] == dict(stream="float32", vectors="bfloat16", branch="bfloat16",
+                                                        normed="bfloat16")
+    sizes = dict(stream=4, vectors=2, branch=2, normed=2)
+    for r in train:
+        fwd = _bytes(r["op"], r["dims"], "fwd", sizes)
+        assert r["minimum"] == (fwd if r["phase"] == "fwd" else _bytes(r["op"], r["dims"], "fwd+bwd", sizes) - fwd)
+        assert r["torch_bytes"] < 0.01 * r["minimum"], r  # no cast of the normalised output outside the kernel
 
 
 def test_report_meets_the_targets(report):
