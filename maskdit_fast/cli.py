@@ -10,14 +10,14 @@ from pathlib import Path
 
 import torch
 
-from .config import SOLVERS, ConfigError, load_config
-from .errors import USER_ERRORS
+from .config import SOLVERS, load_config
+from .errors import ArgumentParser
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Train MaskDiT / DiT with EDM. With no arguments: MaskDiT on the bundled MNIST.",
-        epilog="Overrides are key=value pairs, e.g. model.mask_ratio=0.25 train.max_steps=500")
+        epilog="Overrides are key=value pairs, anywhere on the line, e.g. model.mask_ratio=0.25 train.max_steps=500")
     parser.add_argument("--config", default="mnist", help="preset name in configs/ or a YAML path (default: mnist)")
     parser.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
@@ -28,27 +28,27 @@ def train_main(argv: list[str] | None = None) -> int:
                         help="MNIST runs: after training, sample N digits and report the classifier's accuracy "
                              "and Fréchet distance (0 = skip; default 500)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before and after the options
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        parser.error(str(err))
     if args.resume and args.init_from:
         parser.error("--resume and --init-from exclude each other")
     if args.init_from and not Path(args.init_from).exists():
         parser.error(f"--init-from {args.init_from}: no such checkpoint")
+    with parser.user_errors():  # bad input found at any time, said plainly: no traceback
+        return _train(args)
+
+
+def _train(args: argparse.Namespace) -> int:
     from .train.trainer import train
 
+    cfg = load_config(args.config, args.overrides)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
-    try:
-        final = train(cfg, out, resume=args.resume, init_from=args.init_from, progress=not args.no_progress)
-    except USER_ERRORS as err:  # bad input, said plainly: no traceback
-        parser.error(str(err))
+    final = train(cfg, out, resume=args.resume, init_from=args.init_from, progress=not args.no_progress)
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun rank 0 reports
         return 0
     print(f"EMA weights: {final}\nsamples: {out / 'samples'}\nmetrics: {out / 'metrics.jsonl'}")
     if cfg.data.dataset == "mnist" and cfg.model.num_classes == 10 and args.eval_samples > 0:
+        print(f"quality check: sampling {args.eval_samples} digits (--eval-samples 0 skips it)", flush=True)
         report = mnist_quality(final, cfg, args.eval_samples)
         (out / "mnist_quality.json").write_text(json.dumps(report, indent=2))
         print(f"MNIST quality of {report['n']} EMA samples (guidance {report['cfg_scale']}, "
@@ -75,7 +75,7 @@ def mnist_quality(ckpt: Path, cfg, n: int) -> dict:
 
 
 def sample_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Sample a trained checkpoint (DiT, MaskDiT or DyDiT): a PNG grid, an ADM-layout .npz and the "
                     "FLOPs the sampling executed (flops.json).",
         epilog="Under torchrun (torchrun --nproc_per_node N sample.py ...) each process samples a contiguous share "
@@ -102,6 +102,15 @@ def sample_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.n < 1:
         parser.error("--n must be >= 1")
+    if args.batch < 1:
+        parser.error("--batch must be >= 1")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a file; name a folder")
+    with parser.user_errors():
+        return _sample(args, parser)
+
+
+def _sample(args: argparse.Namespace, parser: ArgumentParser) -> int:
     import numpy as np
     import torch.distributed as dist
 

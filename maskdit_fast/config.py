@@ -16,6 +16,8 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .errors import UserError
+
 # configs/ of a source checkout (or editable install), else the copy a regular install puts in share/.
 CONFIG_DIR = next((d for d in (Path(__file__).resolve().parent.parent / "configs",
                                Path(sys.prefix) / "share" / "maskdit_fast" / "configs") if d.is_dir()),
@@ -28,7 +30,7 @@ DIT_SIZES: dict[str, tuple[int, int, int]] = {  # width, depth, heads (DiT paper
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad configuration value; the message names the key and what is allowed."""
 
 
@@ -207,6 +209,12 @@ class TrainConfig:
     fsdp_reduce_dtype: str = "fp32"    # fsdp + bf16: dtype of the gradient reduce-scatter (fp32 | bf16)
     fsdp_cpu_offload: bool = False     # fsdp: sharded parameters, gradients and optimizer state in CPU memory
     nonfinite: str = "stop"            # NaN/inf loss: stop (and save the batch) | skip the step
+    spike_zscore: float = 0.0          # loss spike: this many running std above the running mean (0 = no guard)
+    spike_min_ratio: float = 2.0       # ... and at least this times the running mean
+    spike_warmup: int = 200            # steps before the guard judges (its statistics settle)
+    spike_decay: float = 0.99          # decay of the running mean / variance of the loss
+    spike_action: str = "log"          # log (and save the batch) | skip the step | rollback to the newest
+                                       # training state and go on after the spike (see train/spike_guard.py)
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "global_batch", "log_every", "sample_every", "ckpt_every", "ddp_bucket_mb"):
@@ -233,6 +241,11 @@ class TrainConfig:
         _require(not (self.parallel == "fsdp" and self.precision == "fp16"), "train.precision",
                  "fp16 (grad scaler) is not supported with train.parallel=fsdp; use bf16")
         _one_of(self.nonfinite, "train.nonfinite", ("stop", "skip"))
+        _require(self.spike_zscore >= 0, "train.spike_zscore", "must be >= 0 (0 = no spike guard)")
+        _require(self.spike_min_ratio >= 1, "train.spike_min_ratio", "must be >= 1")
+        _require(self.spike_warmup >= 0, "train.spike_warmup", "must be >= 0")
+        _require(0 < self.spike_decay < 1, "train.spike_decay", "must be in (0, 1)")
+        _one_of(self.spike_action, "train.spike_action", ("log", "skip", "rollback"))
 
 
 SOLVERS = ("heun", "euler", "ddpm", "ddim")

@@ -3,20 +3,17 @@
     python -m maskdit_fast.convert official-maskdit IN.pt OUT.safetensors [--weights ema|model]
     python -m maskdit_fast.convert official-dit DiT-XL-2-256x256.pt OUT.safetensors
 
-The file is read with a restricted unpickler that rebuilds tensors and plain containers only;
-any other pickled object (e.g. the ``argparse.Namespace`` of the training arguments) becomes an
-inert placeholder, so no code from the file runs. The architecture is inferred from the tensor
+Every pickle of the file (the legacy non-zip format's magic-number, protocol and system-info
+pickles included) is read with a restricted unpickler that rebuilds tensors and plain containers
+only (:mod:`maskdit_fast.safe_pickle`); any other pickled object (e.g. the ``argparse.Namespace``
+of the training arguments) becomes an inert placeholder, so no code from the file runs. The architecture is inferred from the tensor
 shapes; head counts cannot be, so they follow the DiT presets unless given.
 """
 from __future__ import annotations
 
-import argparse
-import collections
 import math
-import pickle
 import re
 import sys
-import types
 from pathlib import Path
 
 import torch
@@ -24,46 +21,20 @@ import torch
 from .checkpoint import save_safetensors
 from .diffusion.edm import build_net
 from .config import DIT_SIZES, ModelConfig
+from .errors import ArgumentParser
+from .safe_pickle import official_pickle
 
 HEADS_BY_WIDTH = {width: heads for width, _, heads in DIT_SIZES.values()} | {512: 16}
 SIZE_BY_WIDTH_DEPTH = {(width, depth): name for name, (width, depth, _) in DIT_SIZES.items()}
 
 
-class _Inert:
-    """Stands in for any pickled object that is not a tensor or a plain container."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __call__(self, *args, **kwargs) -> "_Inert":  # pickled call chains, e.g. getattr(cls, name)(...)
-        return _Inert()
-
-    def __setstate__(self, state):
-        pass
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    _allowed = {
-        ("collections", "OrderedDict"): collections.OrderedDict,
-        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-        ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-        ("torch", "Size"): torch.Size,
-    }
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in self._allowed:
-            return self._allowed[(module, name)]
-        if module == "torch" and (name.endswith("Storage") or isinstance(getattr(torch, name, None), torch.dtype)):
-            return getattr(torch, name)
-        return _Inert
-
-
-_restricted_pickle = types.SimpleNamespace(Unpickler=_RestrictedUnpickler, load=pickle.load, __name__="pickle")
-
-
 def read_official(path: str | Path) -> dict:
     """The checkpoint dict (tensors and containers; anything else inert), without running its code."""
-    return torch.load(path, map_location="cpu", pickle_module=_restricted_pickle, weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", pickle_module=official_pickle, weights_only=False)
+    except Exception as err:  # a damaged or foreign file fails anywhere in torch.load's parsing
+        raise ValueError(f"{path} is not a readable torch checkpoint ({type(err).__name__}: {err}); "
+                         "pass the official MaskDiT .pt file") from None
 
 
 def _count(state: dict, prefix: str) -> int:
@@ -231,7 +202,7 @@ def convert_official_dit(src: str | Path, dst: str | Path, weights: str = "ema",
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m maskdit_fast.convert", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m maskdit_fast.convert", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     official = sub.add_parser("official-maskdit", help="official MaskDiT .pt -> safetensors")
     official.add_argument("src")

@@ -187,7 +187,7 @@ def save_npz(path: str | Path, images: np.ndarray, labels: torch.Tensor | None) 
     np.savez(path, **arrays)
 
 
-def write_sample_grid(cfg: Config, ema_net: Denoiser, path: Path) -> bool:
+def write_sample_grid(cfg: Config, ema_net: Denoiser, path: Path, progress: bool = False) -> bool:
     """A grid of EMA samples, one row per class (up to 10 classes), fixed seeds; True if written.
     Latent models need ``data.vae`` to decode them; without it nothing is sampled."""
     m = cfg.model
@@ -201,7 +201,7 @@ def write_sample_grid(cfg: Config, ema_net: Denoiser, path: Path) -> bool:
         chosen = torch.linspace(0, m.num_classes - 1, rows).round().long()
         classes = chosen.repeat_interleave(per_row)
     seeds = list(range(rows * per_row))
-    images = generate(ema_net, seeds, classes, cfg.sample)
+    images = generate(ema_net, seeds, classes, cfg.sample, progress=progress)
     if cfg.data.vae:
         from .data.vae import decode_latents, load_vae
         try:

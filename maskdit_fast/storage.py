@@ -14,7 +14,9 @@ Earlier versions wrote single files ``step-XXXXXXX.pt``; :func:`load_training_st
 from __future__ import annotations
 
 import json
+import logging
 import os
+import pickle
 import re
 import shutil
 import warnings
@@ -25,13 +27,38 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
 from .dist import barrier
-from .files import atomic_write
+from .errors import UserError
+from .files import PARTIAL, atomic_write
+from .integrity import folder_damage, write_manifest
+from .safe_pickle import SafeFileSystemReader
 
+log = logging.getLogger(__name__)
 STEP_NAME = re.compile(r"^step-(\d+)(\.pt)?$")
+LEGACY_TEMP = re.compile(r"^\.(ema\.safetensors|metrics\.jsonl|meta\.json)\.[a-z0-9_]{8}$")  # earlier versions'
+UNFINISHED = re.compile(r"^\.(tmp|old)-step-\d+$")
+
+
+def remove_leftovers(run_dir: Path) -> None:
+    """Delete what interrupted writes left in a run folder (its owner calls this at start):
+    ``.*.partial`` files, ``.XXXXXXXX`` temporaries of earlier versions, unfinished checkpoints."""
+    run_dir = Path(run_dir)
+    for folder in (run_dir, run_dir / "samples", run_dir / "checkpoints", run_dir / "nonfinite", run_dir / "spikes"):
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            if path.is_file() and (path.name.endswith(PARTIAL) or LEGACY_TEMP.match(path.name)):
+                path.unlink()
+            elif path.is_dir() and UNFINISHED.match(path.name):
+                committed = path.with_name(path.name.split("-", 1)[1])
+                if path.name.startswith(".old-") and not committed.exists():  # a crash mid-replace: put it back
+                    os.replace(path, committed)
+                else:
+                    shutil.rmtree(path, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -70,7 +97,7 @@ def process_state_to_load(path: Path, rank_key: str, device: torch.device) -> di
     """Tensors for :func:`load_into` to fill with the :func:`process_state` that ``rank_key`` saved in
     the checkpoint ``path`` (the loader's bytes at the length they were saved with)."""
     state = rng_state(device)
-    saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata.get(f"rng.{rank_key}.loader")
+    saved = SafeFileSystemReader(path).read_metadata().state_dict_metadata.get(f"rng.{rank_key}.loader")
     if saved is not None:
         state["loader"] = torch.empty(saved.size, dtype=torch.uint8)
     return state
@@ -114,6 +141,7 @@ def save_training_state(run_dir: Path, step: int, state: dict[str, Any], meta: d
         dcp.save(state, checkpoint_id=tmp, no_dist=_no_dist())
     if is_main:
         atomic_write(tmp / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
+        write_manifest(tmp)  # last: it covers every file above
         _commit(tmp, final)
         _retain(ckpt_dir, keep_last)
     barrier()
@@ -151,10 +179,47 @@ def _checkpoints(ckpt_dir: Path) -> list[Path]:
 
 
 def latest_training_state(run_dir: Path) -> Path | None:
-    """The newest complete training state of a run, or None."""
+    """The newest committed training state of a run, or None (not checked: see :func:`latest_intact_training_state`)."""
     ckpt_dir = Path(run_dir) / "checkpoints"
     found = _checkpoints(ckpt_dir) if ckpt_dir.is_dir() else []
     return found[-1] if found else None
+
+
+def training_state_damage(path: Path) -> str | None:
+    """What is wrong with the training state ``path`` (a file missing, truncated or changed since it
+    was written), or None."""
+    path = Path(path)
+    if path.is_file():
+        return None  # an earlier version's single file: no checksums
+    if not (path / ".metadata").is_file():
+        return ".metadata is missing"
+    return folder_damage(path)
+
+
+def latest_intact_training_state(run_dir: Path) -> Path | None:
+    """Collective under torchrun (rank 0 checks, every rank gets its answer): the newest training
+    state of a run whose files match their checksums, or None if it has none. Damaged newer ones are
+    named in a warning; a UserError if every one is damaged."""
+    chosen, problem = None, None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        ckpt_dir = Path(run_dir) / "checkpoints"
+        for path in reversed(_checkpoints(ckpt_dir) if ckpt_dir.is_dir() else []):
+            damage = training_state_damage(path)
+            if damage is None:
+                chosen = path
+                break
+            log.warning("%s is damaged (%s): skipped; delete it once the run has resumed", path, damage)
+        newest = latest_training_state(run_dir)
+        if chosen is None and newest is not None:
+            problem = f"every training state in {Path(run_dir) / 'checkpoints'} is damaged; start a new run in another --out"
+        elif chosen != newest:
+            log.warning("resuming from %s, the newest complete training state", chosen)
+    shared = [chosen, problem]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(shared, src=0)
+    if shared[1] is not None:
+        raise UserError(shared[1])
+    return shared[0]
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -162,19 +227,71 @@ def read_meta(path: Path) -> dict[str, Any]:
     return json.loads((Path(path) / "meta.json").read_text())
 
 
+UNSAVED = "unsaved"  # key of the optimizer entries load_into set aside
+WRAPPER_NAMES = {"module", "_orig_mod", "_checkpoint_wrapped_module"}  # DDP, compile, activation checkpointing
+
+
+def _set_aside_unsaved_optimizer_state(state: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+    """Parameters that never had a gradient (the mask token of an unmasked run) have no optimizer
+    state in a checkpoint, while ``get_state_dict`` of a fresh optimizer makes one for every
+    parameter: set those entries aside (not loaded) for :func:`set_training_state`."""
+    moments = state.get("optimizer", {}).get("state", {})
+    unsaved = [fqn for fqn, entries in moments.items()
+               if not any(f"optimizer.state.{fqn}.{key}" in saved for key in entries)]
+    return {fqn: moments.pop(fqn) for fqn in unsaved}
+
+
+def set_training_state(net: torch.nn.Module, optimizer: torch.optim.Optimizer, ema_model: torch.nn.Module,
+                       state: dict[str, Any]) -> None:
+    """Apply ``model``, ``optimizer`` and ``ema`` of a state filled by :func:`load_into` to the
+    (wrapped, maybe sharded) objects. Parameters without saved optimizer state stay without one,
+    as in the run that saved (AdamW makes it at their first gradient)."""
+    optim = state["optimizer"]
+    unsaved = optim.pop(UNSAVED, {})
+    optim["state"].update(unsaved)  # placeholders: set_state_dict of some torch versions wants every entry
+    set_state_dict(net, optimizer, model_state_dict=state["model"], optim_state_dict=optim)
+    set_model_state_dict(ema_model, state["ema"])
+    if unsaved:
+        names = {p: ".".join(a for a in name.split(".") if a not in WRAPPER_NAMES) for name, p in net.named_parameters()}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if names.get(p) in unsaved:
+                    optimizer.state.pop(p, None)
+
+
+def _dcp_load(state: dict[str, Any], path: Path, no_dist: bool) -> None:
+    """``dcp.load`` through :class:`SafeFileSystemReader`; a refused pickle or a damaged file comes out
+    as the user error it is, not wrapped in DCP's ``CheckpointException``."""
+    try:
+        with _single_process_quiet():
+            dcp.load(state, storage_reader=SafeFileSystemReader(path), no_dist=no_dist)
+    except CheckpointException as err:
+        causes = [failure[0] for failure in err.failures.values()]
+        for cause in causes:
+            if isinstance(cause, UserError):
+                raise cause from None
+        for cause in causes:
+            if isinstance(cause, (OSError, EOFError, pickle.UnpicklingError)):
+                raise UserError(f"the training state {path} is damaged ({type(cause).__name__}: {cause}); "
+                                "remove it and resume from an earlier one") from None
+        raise
+
+
 def load_into(path: Path, state: dict[str, Any]) -> dict[str, Any]:
     """Collective: fill ``state`` in place from the DCP checkpoint ``path``. ``state`` holds the
     tensors to fill, with this process's shapes and shardings (``get_state_dict`` of the wrapped
     model), so the checkpoint may come from another number of processes. RNG entries the checkpoint
     lacks (another device type, another world size) are dropped from ``state["rng"]``. Returns the meta."""
-    saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved = SafeFileSystemReader(path).read_metadata().state_dict_metadata
     rng = {rank: {name: t for name, t in entries.items() if f"rng.{rank}.{name}" in saved}
            for rank, entries in state.pop("rng", {}).items()}
     rng = {rank: entries for rank, entries in rng.items() if entries}
     if rng:
         state["rng"] = rng
-    with _single_process_quiet():
-        dcp.load(state, checkpoint_id=path, no_dist=_no_dist())
+    unsaved = _set_aside_unsaved_optimizer_state(state, saved)
+    _dcp_load(state, path, _no_dist())
+    if "optimizer" in state:
+        state["optimizer"][UNSAVED] = unsaved
     return read_meta(path)
 
 
@@ -185,13 +302,20 @@ def load_training_state(path: Path, parts: tuple[str, ...] = ("model", "ema", "o
     ``rng``: ``{"rank0": {"cpu", ["cuda"]}, ...}``). Reads legacy ``.pt`` files whole."""
     path = Path(path)
     if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=True)
-    saved = FileSystemReader(str(path)).read_metadata()
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # weights_only refusals and damaged files alike: not loadable
+            raise UserError(f"{path} is not a readable training state ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0]})") from None
+    damage = training_state_damage(path)
+    if damage is not None:
+        raise UserError(f"the training state {path} is damaged ({damage}); use an earlier checkpoints/step-* of "
+                        "the run, or its ema.safetensors")
+    saved = SafeFileSystemReader(path).read_metadata()
     flat = {key: torch.empty(m.size, dtype=m.properties.dtype) for key, m in saved.state_dict_metadata.items()
             if isinstance(m, TensorStorageMetadata) and saved.planner_data[key][0] in parts}
     if flat:
-        with _single_process_quiet():
-            dcp.load(flat, checkpoint_id=path, no_dist=True)
+        _dcp_load(flat, path, True)
     state = read_meta(path)
     for key, tensor in flat.items():
         *outer, leaf = saved.planner_data[key]

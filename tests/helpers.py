@@ -9,12 +9,14 @@ TINY_MODEL = [
 ]
 
 
-def tiny_config(*overrides: str) -> Config:
-    """The MNIST preset shrunk to a 2-block model and a few steps."""
-    base = [*TINY_MODEL, "train.global_batch=8", "train.max_steps=6", "train.unmasked_steps=0",
+TINY_RUN = [*TINY_MODEL, "train.global_batch=8", "train.max_steps=6", "train.unmasked_steps=0",
             "train.warmup_steps=0", "train.log_every=2", "train.sample_every=1000", "train.ckpt_every=1000",
             "sample.num_steps=2", "sample.grid_per_class=1"]
-    return load_config("mnist", [*base, *overrides])
+
+
+def tiny_config(*overrides: str) -> Config:
+    """The MNIST preset shrunk to a 2-block model and a few steps (``TINY_RUN`` as overrides)."""
+    return load_config("mnist", [*TINY_RUN, *overrides])
 
 
 def tiny_model_config(**changes) -> ModelConfig:

@@ -57,6 +57,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import UserError
+
 FORMAT = "maskdit_fast.latents"
 VERSION = 1
 BLOCK = 512
@@ -65,7 +67,7 @@ LATENT_EXT, LABEL_EXT = "lat", "lbl"
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
-class LatentFormatError(ValueError):
+class LatentFormatError(UserError):
     """A latent folder or shard that is missing, truncated or corrupted; the message names the file."""
 
 
@@ -311,12 +313,17 @@ class LatentShards:
             post = rows[:, lay.latent_offset:lay.latent_offset + lay.latent_bytes].copy().view(dtype)
             post = post.reshape(len(where), 2, *lay.shape)
             bad |= ~np.isfinite(post.reshape(len(where), -1)).all(1)
+            found = rows[:, lay.label_offset:lay.label_offset + 4].copy().view("<i4")[:, 0]
+            bad |= (found < 0) | (found >= max(self.meta["num_classes"], 1))
             if bad.any():
                 record = int(records[where][np.argmax(bad)])
-                raise LatentFormatError(f"{self.files[s]}: record {record} is corrupted (bad tar header or non-finite "
-                                        "values); check the shard with python -m maskdit_fast.data.latents verify DIR")
+                err = LatentFormatError(f"{self.files[s]}: record {record} is corrupted (bad tar header, non-finite "
+                                        f"values or a label outside 0..{self.meta['num_classes'] - 1}); check the shard "
+                                        "with python -m maskdit_fast.data.latents verify DIR")
+                err.local = True  # found by the rank that reads this record
+                raise err
             posterior[where] = post
-            labels[where] = rows[:, lay.label_offset:lay.label_offset + 4].copy().view("<i4")[:, 0]
+            labels[where] = found
         return posterior, labels
 
 

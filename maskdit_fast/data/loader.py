@@ -33,7 +33,7 @@ import torch
 
 from ..config import Config, ConfigError
 from .images import UnreadableImage, choose_decoder, list_image_folder
-from .latents import LatentShards, flip_coins, posterior_noise, sample_posterior
+from .latents import LatentFormatError, LatentShards, flip_coins, posterior_noise, sample_posterior
 from .sampler import EpochBatches
 from .vae import encode_posterior
 
@@ -149,7 +149,12 @@ class LatentLoader:
         if self._it is None:
             raise RuntimeError("LatentLoader.start(step, max_steps) must be called before step()")
         for j, expected in self.batches.micro_batches(step, self.rank, self.world_size, self.accumulation):
-            x, labels, idx = next(self._it)
+            try:
+                x, labels, idx = next(self._it)
+            except LatentFormatError as err:  # re-raised from a worker, its traceback inside the message
+                clean = LatentFormatError(str(err).strip().splitlines()[-1].split("LatentFormatError: ", 1)[-1])
+                clean.local = True  # found in this rank's data
+                raise clean from None
             if not torch.equal(idx, expected):
                 raise RuntimeError(f"data loader out of step at step {step}: asked for steps in order from start()")
             to = dict(device=self.device, non_blocking=True)

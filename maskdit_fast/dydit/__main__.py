@@ -8,12 +8,12 @@ import os
 import sys
 from pathlib import Path
 
-from ..config import ConfigError
+from ..errors import ArgumentParser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m maskdit_fast.dydit",
-                                     description="DyDiT: dynamic width (TDW) and dynamic tokens (SDT) for DiT / MaskDiT.")
+    parser = ArgumentParser(prog="python -m maskdit_fast.dydit",
+                            description="DyDiT: dynamic width (TDW) and dynamic tokens (SDT) for DiT / MaskDiT.")
     commands = parser.add_subparsers(dest="command", required=True)
     ft = commands.add_parser("finetune", help="fine-tune a DiT/MaskDiT checkpoint into a DyDiT",
                              epilog="Overrides are key=value pairs, e.g. dydit.target=0.3 train.max_steps=500")
@@ -23,26 +23,28 @@ def main(argv: list[str] | None = None) -> int:
     ft.add_argument("--resume", action="store_true", help="continue the run in --out from its newest training state")
     ft.add_argument("--no-progress", action="store_true")
     ft.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] != ["finetune"]:
+        parser.parse_args(argv)  # help, or the error of a missing or unknown command
+    args = ft.parse_intermixed_args(argv[1:])  # overrides before and after the options (no subcommands there)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from ..errors import USER_ERRORS
+    if not Path(args.init).exists():
+        ft.error(f"--init {args.init}: no such file")
+    with ft.user_errors():  # bad input found at any time, said plainly: no traceback
+        return _finetune(args, ft)
+
+
+def _finetune(args: argparse.Namespace, ft: ArgumentParser) -> int:
     from .checkpoint import is_dydit
     from .config import load_dydit_config
     from .finetune import finetune
-    try:
-        cfg = load_dydit_config(args.config, args.overrides)
-    except ConfigError as err:
-        ft.error(str(err))
-    if not Path(args.init).exists():
-        ft.error(f"--init {args.init}: no such file")
+
+    cfg = load_dydit_config(args.config, args.overrides)
     if is_dydit(args.init):
         ft.error(f"--init {args.init} is already a DyDiT; fine-tune from its base model (the checkpoint that was "
                  "its --init) with another dydit.target")
-    try:
-        final = finetune(cfg, args.init, args.out, progress=not args.no_progress, resume=args.resume)
-    except (*USER_ERRORS, ConfigError) as err:  # ConfigError: settings that do not fit the --init checkpoint
-        ft.error(str(err))
+    final = finetune(cfg, args.init, args.out, progress=not args.no_progress, resume=args.resume)
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun rank 0 reports
         return 0
     samples = Path(args.out) / "samples"

@@ -9,9 +9,8 @@ import dataclasses
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from ..checkpoint import load_checkpoint, save_safetensors
+from ..checkpoint import load_checkpoint, read_safetensors_file, save_safetensors
 from ..config import ModelConfig, RouterConfig
 from ..diffusion.edm import EDMPrecond
 
@@ -26,8 +25,7 @@ def is_dydit(path: str | Path) -> bool:
     """True if ``path`` is a safetensors checkpoint written by :func:`save_dydit`."""
     if Path(path).suffix != ".safetensors" or not Path(path).is_file():
         return False
-    with safe_open(str(path), framework="pt") as f:
-        return "dydit" in (f.metadata() or {})
+    return "dydit" in read_safetensors_file(path, tensors=False)[0]
 
 
 def load_dydit(path: str | Path, device: torch.device | str = "cpu") -> EDMPrecond:

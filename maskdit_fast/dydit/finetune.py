@@ -45,6 +45,7 @@ from ..generate import generate, seed_labels, write_sample_grid
 from ..models.precision import resolve_precision
 from ..train.ema import EMA
 from ..train.loop import LossFn, MicroBatch, Run, check_run_dir, replace_data_vae, train_loop
+from ..train.run_lock import RunLock
 from .checkpoint import save_dydit
 from .config import DyDiTConfig, DyDiTRunConfig
 from .flops import FlopsMeter, ModelFlops, model_flops
@@ -168,14 +169,15 @@ def finetune(cfg: DyDiTRunConfig, init: str | Path, out_dir: str | Path, progres
     if t.parallel == "fsdp":
         raise ConfigError("train.parallel: fsdp is not supported by the DyDiT fine-tune; use ddp (the routers and "
                           "the EMA are small, DDP keeps a full copy of the network per GPU)")
-    with processes(t.parallel, t.device, "train.parallel=ddp") as env:
-        return _finetune(cfg, Path(init), Path(out_dir), env, progress, resume)
+    with processes(t.parallel, t.device, "train.parallel=ddp") as env, RunLock(Path(out_dir), env.is_main) as lock:
+        return _finetune(cfg, Path(init), Path(out_dir), env, lock, progress, resume)
 
 
-def _finetune(cfg: DyDiTRunConfig, init: Path, out_dir: Path, env: Dist, progress: bool, resume: bool) -> Path:
+def _finetune(cfg: DyDiTRunConfig, init: Path, out_dir: Path, env: Dist, lock: RunLock, progress: bool,
+              resume: bool) -> Path:
     t = cfg.train
     device = env.device
-    state_path = check_run_dir(out_dir, resume)
+    state_path = check_run_dir(out_dir, resume, lock)
     precision = resolve_precision(t.precision, device)
     if precision == "fp16":
         raise ConfigError("train.precision: fp16 is not supported by the DyDiT fine-tune; use bf16 or fp32")
@@ -215,7 +217,7 @@ def _finetune(cfg: DyDiTRunConfig, init: Path, out_dir: Path, env: Dist, progres
         step_values=lambda step: {"lambda": cfg.dydit.lambda_at(step)},
         desc="dydit",
     )
-    train_loop(run, out_dir, env, data, precision, accumulation, state_path, progress)
+    train_loop(run, out_dir, env, data, precision, accumulation, state_path, lock, progress)
     if env.is_main:
         _final_samples(cfg, ema.model.eval(), out_dir)
     barrier()

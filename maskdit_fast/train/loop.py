@@ -38,32 +38,28 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 from torch.distributed.fsdp import FSDPModule
 from tqdm.auto import tqdm
 
 from ..config import Config
 from ..data.sampler import micro_batch_seed
 from ..dist import Dist, all_reduce_mean, barrier
+from ..errors import NonFiniteLoss, UserError
 from ..files import atomic_write
 from ..models.precision import autocast_for
-from ..storage import (latest_training_state, load_into, process_state, process_state_to_load,
-                       restore_process_state, save_training_state)
+from ..storage import (latest_intact_training_state, latest_training_state, load_into, process_state,
+                       process_state_to_load, read_meta, remove_leftovers, restore_process_state, save_training_state,
+                       set_training_state)
 from .ema import EMA
 from .parallel import clip_grad_norm, gradient_sync, parallelize
+from .resume_config import check_resumable
+from .run_lock import RunLock
+from .spike_guard import SpikeGuard
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
-# Keys that may change between a run and its resume: the step budget, the process layout, logging and
-# checkpoint cadence, and speed-only settings. Everything else must match the saved run's config.
-RESUME_FREE = frozenset({
-    "train.max_steps", "train.parallel", "train.micro_batch", "train.keep_last", "train.log_every",
-    "train.sample_every", "train.ckpt_every", "train.device", "train.activation_checkpointing", "train.compile",
-    "train.ddp_bucket_mb", "train.fsdp_cpu_offload", "train.nonfinite", "data.num_workers", "data.verify",
-    "data.dali_threads",
-})
 
 
 @dataclass
@@ -112,8 +108,12 @@ def prepare_micro_batch(cfg: Config, data, step: int, j: int, x: torch.Tensor, y
     return x, (None if cfg.model.num_classes == 0 else y)
 
 
-def check_run_dir(out_dir: Path, resume: bool) -> Path | None:
-    """The training state to resume from (None: start from scratch), after refusing to start over a run."""
+def check_run_dir(out_dir: Path, resume: bool, lock: RunLock) -> Path | None:
+    """Collective: the training state to resume from (None: start from scratch), after refusing to
+    start over a run. The run folder's lock is taken here if the folder exists (and what interrupted
+    writes left in it is removed); the newest state whose checksums match is the one resumed."""
+    if lock.acquire() and lock.is_main:
+        remove_leftovers(out_dir)
     state_path = latest_training_state(out_dir)
     if not resume and (state_path is not None or (out_dir / "ema.safetensors").exists()):
         raise FileExistsError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
@@ -122,7 +122,7 @@ def check_run_dir(out_dir: Path, resume: bool) -> Path | None:
                               "earlier version); start a new run in another --out")
     if resume and state_path is None:
         log.info("--resume: no training state in %s, starting from scratch", out_dir)
-    return state_path
+    return latest_intact_training_state(out_dir) if resume and state_path is not None else state_path
 
 
 def trim_metrics(path: Path, step: int) -> None:
@@ -140,29 +140,6 @@ def trim_metrics(path: Path, step: int) -> None:
         if row.get("step", 0) <= step:
             kept.append(line + "\n")
     atomic_write(path, lambda tmp: tmp.write_text("".join(kept)))
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}"""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def check_resumable(path: Path, saved: dict, now: dict) -> None:
-    """Refuse to resume the state ``path`` (written with the run config ``saved``) under the run config
-    ``now`` unless they agree on every key but :data:`RESUME_FREE`."""
-    then, now = _flatten(saved), _flatten(json.loads(json.dumps(now)))
-    changed = sorted(k for k in then.keys() | now.keys() if k not in RESUME_FREE and then.get(k) != now.get(k))
-    if changed:
-        k = changed[0]
-        raise ValueError(f"cannot resume {path}: {', '.join(changed)} differ from the saved run's config ({k}: "
-                         f"{then.get(k)!r} then, {now.get(k)!r} now); resume with the same config and overrides "
-                         f"(these may change: {', '.join(sorted(RESUME_FREE))})")
 
 
 def _ema_for_sampling(ema: EMA, env: Dist, build: Callable[[], nn.Module]) -> tuple[nn.Module | None, dict | None]:
@@ -189,9 +166,10 @@ def _nonfinite_sources(data, batches: list[MicroBatch]) -> list[str]:
     return sources
 
 
-def _save_nonfinite_batch(out_dir: Path, step: int, rank: int, value: float, batches: list[MicroBatch]) -> Path:
-    """This rank's micro-batches of a step whose loss was not finite, for a post-mortem."""
-    path = out_dir / "nonfinite" / f"step-{step:07d}-rank{rank}.pt"
+def _save_batch(out_dir: Path, step: int, rank: int, value: float, batches: list[MicroBatch],
+                folder: str = "nonfinite") -> Path:
+    """This rank's micro-batches of a step whose loss was not finite (or a spike), for a post-mortem."""
+    path = out_dir / folder / f"step-{step:07d}-rank{rank}.pt"
     saved = [{"index": b.index, "dataset_indices": b.dataset_indices.cpu(), "images": b.images.cpu(),
               "labels": None if b.labels is None else b.labels.cpu()} for b in batches]
     atomic_write(path, lambda tmp: torch.save({"step": step, "loss": value, "micro_batches": saved}, tmp))
@@ -222,10 +200,32 @@ class Run:
     after_step: Callable[[int, nn.Module], bool] | None = None
 
 
+def _restore(path: Path, run: Run, net: nn.Module, optimizer, scaler, env: Dist, guard: SpikeGuard | None
+             ) -> tuple[int, bytes | None]:
+    """Collective: load the training state ``path`` (its config checked first) into the (wrapped, maybe
+    sharded) objects; returns its step and this rank's saved loader state (None if there is none)."""
+    if path.is_file():
+        raise UserError(f"cannot resume {path}: it is a single-file state of an earlier version; resume it "
+                        "with that version, or start a new run from its weights with --init-from")
+    check_resumable(path, read_meta(path)["config"], run.run_config)
+    rank_key = f"rank{env.rank}"
+    model_sd, optim_sd = get_state_dict(net, optimizer)
+    state = {"model": model_sd, "optimizer": optim_sd, "ema": get_model_state_dict(run.ema.model),
+             "rng": {rank_key: process_state_to_load(path, rank_key, env.device)}}
+    meta = load_into(path, state)
+    set_training_state(net, optimizer, run.ema.model, state)
+    if "scaler" in meta:
+        scaler.load_state_dict(meta["scaler"])
+    if guard is not None and "spike_guard" in meta:
+        guard.load_state_dict(meta["spike_guard"])
+    log.info("resumed from %s at step %d (written by %d processes)", path, meta["step"], meta["world_size"])
+    return meta["step"], restore_process_state(state, rank_key, env.device)  # the loader checks it fits this split
+
+
 def train_loop(run: Run, out_dir: Path, env: Dist, data, precision: str, accumulation: int, state_path: Path | None,
-               progress: bool = True) -> None:
+               lock: RunLock, progress: bool = True) -> None:
     """Collective: train ``run`` from its newest state ``state_path`` (None: from scratch) to
-    ``train.max_steps`` in ``out_dir``. ``data``: the step-indexed loader (:mod:`maskdit_fast.data.loader`),
+    ``train.max_steps`` in ``out_dir``, whose ``lock`` :func:`check_run_dir` took if it could. ``data``: the step-indexed loader (:mod:`maskdit_fast.data.loader`),
     ``accumulation`` micro-batches per step and process; ``precision`` resolved (bf16 | fp16 | fp32)."""
     cfg, t, device = run.cfg, run.cfg.train, env.device
     split = env.world_size * accumulation > 1  # else: one continuous RNG stream, as in a plain run
@@ -238,28 +238,14 @@ def train_loop(run: Run, out_dir: Path, env: Dist, data, precision: str, accumul
     rank_key = f"rank{env.rank}"
 
     start, loader_state = 0, None
+    guard = SpikeGuard.from_config(t)
     if state_path is not None:
-        if state_path.is_file():
-            raise ValueError(f"cannot resume {state_path}: it is a single-file state of an earlier version; resume it "
-                             "with that version, or start a new run from its weights with --init-from")
-        model_sd, optim_sd = get_state_dict(net, optimizer)
-        state = {"model": model_sd, "optimizer": optim_sd, "ema": get_model_state_dict(ema.model),
-                 "rng": {rank_key: process_state_to_load(state_path, rank_key, device)}}
-        meta = load_into(state_path, state)
-        check_resumable(state_path, meta["config"], run.run_config)
-        set_state_dict(net, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        set_model_state_dict(ema.model, state["ema"])
-        if "scaler" in meta:
-            scaler.load_state_dict(meta["scaler"])
-        loader_state = restore_process_state(state, rank_key, device)  # the loader checks it fits this split
-        start = meta["step"]
-        log.info("resumed from %s at step %d (written by %d processes)", state_path, start, meta["world_size"])
+        start, loader_state = _restore(state_path, run, net, optimizer, scaler, env, guard)
     data.start(start, t.max_steps, loader_state)
-    barrier()  # every rank has read the run directory before rank 0 writes to it
+    lock.acquire(create=True)  # the inputs checked out: the run folder is made (and owned) only now
 
     metrics_file = None
     if env.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves no empty run directory
         (out_dir / CONFIG_FILE).write_text(json.dumps(run.run_config, indent=2))
         trim_metrics(out_dir / "metrics.jsonl", start)  # rows past the training state are logged again
         metrics_file = (out_dir / "metrics.jsonl").open("a")
@@ -268,7 +254,8 @@ def train_loop(run: Run, out_dir: Path, env: Dist, data, precision: str, accumul
         model_sd, optim_sd = get_state_dict(net, optimizer)
         state = {"model": model_sd, "optimizer": optim_sd, "ema": get_model_state_dict(ema.model),
                  "rng": {rank_key: process_state(device, data.state())}}
-        meta = {"step": step, "world_size": env.world_size, "scaler": scaler.state_dict(), "config": run.run_config}
+        meta = {"step": step, "world_size": env.world_size, "scaler": scaler.state_dict(), "config": run.run_config,
+                "spike_guard": guard.state_dict()}
         save_training_state(out_dir, step, state, meta, t.keep_last, env.is_main)
         if env.is_main:
             run.export(step, ema_weights)
@@ -298,7 +285,18 @@ def train_loop(run: Run, out_dir: Path, env: Dist, data, precision: str, accumul
             batches.append(batch)
 
         value = all_reduce_mean(step_metrics["loss"].reshape(1)).item()  # the same verdict on every rank
-        if math.isfinite(value):
+        spike = math.isfinite(value) and guard.is_spike(value)
+        if spike:
+            path = _save_batch(out_dir, done, env.rank, value, batches, folder="spikes")
+            log.warning("step %d: %s; its batch is saved as %s (train.spike_action=%s)", done, guard.describe(value),
+                        path, t.spike_action)
+        if spike and t.spike_action != "log":
+            optimizer.zero_grad(set_to_none=True)
+            window_skipped += 1
+            skipped += 1
+            if t.spike_action == "rollback":
+                _roll_back(out_dir, run, net, optimizer, scaler, env)
+        elif math.isfinite(value):
             if t.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 grad_norms += clip_grad_norm(net.parameters(), t.grad_clip)
@@ -309,15 +307,17 @@ def train_loop(run: Run, out_dir: Path, env: Dist, data, precision: str, accumul
             for key, v in step_metrics.items():
                 sums[key] = sums.get(key, 0) + v
         elif t.nonfinite == "stop":
-            path = _save_nonfinite_batch(out_dir, done, env.rank, value, batches)
+            path = _save_batch(out_dir, done, env.rank, value, batches)
             sources = _nonfinite_sources(data, batches)
             if sources:
-                raise FloatingPointError(f"loss is {value} at step {done}: the input latents of {len(sources)} "
-                                         f"sample(s) are not finite, the data is corrupted: {', '.join(sources[:5])}; "
-                                         "check it with python -m maskdit_fast.data.latents verify DIR")
-            raise FloatingPointError(f"loss is {value} at step {done}; its batch is saved as "
-                                     f"{path.parent}/step-{done:07d}-rank*.pt; lower train.lr, use "
-                                     "train.precision=fp32, or set train.nonfinite=skip to skip such steps")
+                err = NonFiniteLoss(f"loss is {value} at step {done}: the input latents of {len(sources)} "
+                                    f"sample(s) are not finite, the data is corrupted: {', '.join(sources[:5])}; "
+                                    "check it with python -m maskdit_fast.data.latents verify DIR")
+                err.local = True  # this rank's data
+                raise err
+            raise NonFiniteLoss(f"loss is {value} at step {done}; its batch is saved as "
+                                f"{path.parent}/step-{done:07d}-rank*.pt; lower train.lr, use "
+                                "train.precision=fp32, or set train.nonfinite=skip to skip such steps")
         else:
             optimizer.zero_grad(set_to_none=True)
             window_skipped += 1
@@ -336,7 +336,7 @@ def train_loop(run: Run, out_dir: Path, env: Dist, data, precision: str, accumul
                       "img_per_s": window_steps * t.global_batch / elapsed, "peak_mem_gb": peak_memory_gb(device)}
             if t.grad_clip > 0:
                 record["grad_norm"] = grad_norms.item() / finite_steps  # global norm before clipping
-            if t.nonfinite == "skip":
+            if t.nonfinite == "skip" or t.spike_zscore > 0:
                 record["skipped"] = skipped
             if metrics_file is not None:
                 metrics_file.write(json.dumps(record) + "\n")
@@ -362,6 +362,17 @@ def train_loop(run: Run, out_dir: Path, env: Dist, data, precision: str, accumul
     if metrics_file is not None:
         metrics_file.close()
     data.close()
+
+
+def _roll_back(out_dir: Path, run: Run, net: nn.Module, optimizer, scaler, env: Dist) -> None:
+    """Collective: return the parameters, optimizer, EMA and RNG to the newest training state; the
+    loop goes on with the next step's batch, so the steps since that state are undone."""
+    path = latest_intact_training_state(out_dir)
+    if path is None:
+        log.warning("train.spike_action=rollback: no training state yet to return to; the step is skipped")
+        return
+    _restore(path, run, net, optimizer, scaler, env, guard=None)  # the guard keeps what it has seen
+    log.warning("rolled back to %s after the spike", path)
 
 
 def replace_data_vae(cfg: Config, vae: str | None) -> Config:

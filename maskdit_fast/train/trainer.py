@@ -19,7 +19,7 @@ import torch
 
 import kernels
 
-from ..checkpoint import ema_metadata, load_checkpoint, save_safetensors
+from ..checkpoint import check_weights_fit, ema_metadata, load_checkpoint, save_safetensors
 from ..config import Config, ConfigError, config_to_dict
 from ..data.loader import build_loader
 from ..data.sampler import split_global_batch
@@ -32,6 +32,7 @@ from ..models.precision import resolve_precision
 from ..storage import load_training_state
 from .ema import EMA
 from .loop import LossFn, MicroBatch, Run, check_run_dir, learning_rate, replace_data_vae, train_loop
+from .run_lock import RunLock
 
 log = logging.getLogger(__name__)
 __all__ = ["learning_rate", "select_device", "train"]
@@ -54,17 +55,14 @@ def maskdit_objective(cfg: Config, mask_ratio: Callable[[int], float]) -> LossFn
 def _initialise_from(path: str, net, ema: EMA) -> None:
     """Unmasked fine-tune start: weights from a pretrained checkpoint (model + EMA of a training
     state, or the EMA weights of a safetensors file for both)."""
-    try:
-        if Path(path).suffix == ".safetensors":
-            weights = load_checkpoint(path).state_dict()
-            net.load_state_dict(weights)
-            ema.load_state_dict(weights)
-        else:
-            state = load_training_state(Path(path), parts=("model", "ema"))
-            net.load_state_dict(state["model"])
-            ema.load_state_dict(state["ema"])
-    except RuntimeError as err:
-        raise RuntimeError(f"--init-from {path}: its architecture does not match this config's model: {err}") from None
+    if Path(path).suffix == ".safetensors":
+        model = ema_weights = load_checkpoint(path).state_dict()
+    else:
+        state = load_training_state(Path(path), parts=("model", "ema"))
+        model, ema_weights = state["model"], state["ema"]
+    check_weights_fit(net, model, f"--init-from {path}")
+    net.load_state_dict(model)
+    ema.load_state_dict(ema_weights)
 
 
 def train(cfg: Config, out_dir: str | Path, resume: bool = False, init_from: str | None = None,
@@ -80,11 +78,12 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, init_from: str
     (end the run after this step, without a final checkpoint). ``benchmarks/time_to_quality.py``
     drives wall-clock-budgeted runs with it.
     """
-    with processes(cfg.train.parallel, cfg.train.device, "parallel=ddp or parallel=fsdp") as env:
-        return _train(cfg, Path(out_dir), env, resume, init_from, progress, step_hook)
+    with processes(cfg.train.parallel, cfg.train.device, "parallel=ddp or parallel=fsdp") as env, \
+            RunLock(Path(out_dir), env.is_main) as lock:
+        return _train(cfg, Path(out_dir), env, lock, resume, init_from, progress, step_hook)
 
 
-def _train(cfg: Config, out_dir: Path, env: Dist, resume: bool, init_from: str | None, progress: bool,
+def _train(cfg: Config, out_dir: Path, env: Dist, lock: RunLock, resume: bool, init_from: str | None, progress: bool,
            step_hook: StepHook | None = None) -> Path:
     t = cfg.train
     device = env.device
@@ -98,7 +97,7 @@ def _train(cfg: Config, out_dir: Path, env: Dist, resume: bool, init_from: str |
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.tf32
     torch.manual_seed(t.seed)  # the same initial weights on every rank
 
-    state_path = check_run_dir(out_dir, resume)
+    state_path = check_run_dir(out_dir, resume, lock)
     data = build_loader(cfg, device, env.rank, env.world_size, micro, accumulation)
     cfg = replace_data_vae(cfg, data.vae)  # grids and sample.py decode with the VAE that made the latents
     raw = build_net(cfg.model).to(device).train()
@@ -127,8 +126,9 @@ def _train(cfg: Config, out_dir: Path, env: Dist, resume: bool, init_from: str |
                                                       ema_metadata(run_config, step)),
         build=lambda: build_net(cfg.model),
         step_values=lambda step: {"mask_ratio": mask_ratio(step)},
-        sample=lambda step, ema_net: write_sample_grid(cfg, ema_net, out_dir / "samples" / f"step-{step:07d}.png"),
+        sample=lambda step, ema_net: write_sample_grid(cfg, ema_net, out_dir / "samples" / f"step-{step:07d}.png",
+                                                       progress=progress and step == t.max_steps),  # the last: a bar
         after_step=None if step_hook is None else after_step,
     )
-    train_loop(run, out_dir, env, data, precision, accumulation, state_path, progress)
+    train_loop(run, out_dir, env, data, precision, accumulation, state_path, lock, progress)
     return out_dir / "ema.safetensors"

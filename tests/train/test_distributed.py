@@ -29,6 +29,7 @@ WORKER = Path(__file__).with_name("dist_worker.py")
 BASE = ["train.grad_clip=0.05", "data.flip=true"]
 ONE_STEP = [*BASE, "train.max_steps=1"]
 LONG = [*BASE, "train.max_steps=6", "train.ckpt_every=2", "train.unmasked_steps=2", "train.keep_last=2"]
+UNMASKED = [*BASE, "model.mask_ratio=0", "train.max_steps=4", "train.ckpt_every=2"]  # mask token: no gradient
 SAMPLE = ["--n", "5", "--steps", "2", "--cfg-scale", "2"]
 
 
@@ -78,6 +79,7 @@ def runs(tmp_path_factory) -> Path:
         {"train": str(d / "fsdp-one-step"), "overrides": [*ONE_STEP, "parallel=fsdp"]},
         {"train": str(d / "single-resumed-on-2"), "overrides": [*LONG, "parallel=ddp"], "resume": True},
         {"train": str(d / "fsdp"), "overrides": [*LONG, "parallel=fsdp"]},
+        {"train": str(d / "fsdp-unmasked"), "overrides": [*UNMASKED, "parallel=fsdp"]},
         {"sample": ["--ckpt", str(d / "fsdp" / "ema.safetensors"), "--out", str(d / "sampled-on-2"), *SAMPLE]},
         {"train": str(d / "fsdp-killed"), "overrides": [*LONG, "parallel=fsdp"], "kill_at": 4},
     ], d / "first.json", timeout=400)
@@ -86,8 +88,10 @@ def runs(tmp_path_factory) -> Path:
     assert first.returncode != 0 and "Signal 9 (SIGKILL)" in first.stderr, "the last job should have been killed"
     assert latest_training_state(d / "fsdp-killed").name == "step-0000004"
 
-    second = torchrun([{"train": str(d / "fsdp-killed"), "overrides": [*LONG, "parallel=fsdp"], "resume": True}],
-                      d / "second.json", timeout=200)
+    copy_run_until(d / "fsdp-unmasked", d / "fsdp-unmasked-resumed", 2)
+    second = torchrun([{"train": str(d / "fsdp-killed"), "overrides": [*LONG, "parallel=fsdp"], "resume": True},
+                       {"train": str(d / "fsdp-unmasked-resumed"), "overrides": [*UNMASKED, "parallel=fsdp"],
+                        "resume": True}], d / "second.json", timeout=200)
     (d / "second.log").write_text(second.stdout + second.stderr)
     assert latest_training_state(d / "fsdp-killed").name == "step-0000006", second.stderr[-4000:]
     return d
@@ -112,6 +116,16 @@ def test_killed_fsdp_run_resumes_to_the_same_parameters(runs):
     assert resumed["world_size"] == 2 and torch.equal(straight["rng"]["rank1"]["cpu"], resumed["rng"]["rank1"]["cpu"])
     # keep_last=2
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step-0000004", "step-0000006"]
+
+
+def test_unmasked_fsdp_run_resumes_to_the_same_state(runs):
+    straight, resumed = final_state(runs / "fsdp-unmasked", 4), final_state(runs / "fsdp-unmasked-resumed", 4)
+    assert "model.mask_token" not in straight["optimizer"]["state"]  # never had a gradient
+    assert_close(straight, resumed, parts=("model", "ema"), exact=True)
+    assert straight["optimizer"]["state"].keys() == resumed["optimizer"]["state"].keys()
+    for name, moments in straight["optimizer"]["state"].items():
+        for key, value in moments.items():
+            assert torch.equal(value, resumed["optimizer"]["state"][name][key]), f"optimizer {name}.{key}"
 
 
 def test_checkpoints_load_across_world_sizes(runs, tmp_path):

@@ -8,6 +8,7 @@ from maskdit_fast import storage as state_module
 from maskdit_fast.checkpoint import main as checkpoint_main
 from maskdit_fast.checkpoint import read_safetensors
 from maskdit_fast.config import ConfigError
+from maskdit_fast.errors import UserError
 from maskdit_fast.data.sampler import EpochBatches, split_global_batch
 from maskdit_fast.files import atomic_write
 from maskdit_fast.storage import latest_training_state, load_training_state
@@ -72,8 +73,9 @@ def test_init_from_loads_pretrained_weights(tmp_path):
     for name in start:
         assert torch.allclose(start[name], after[name], atol=1e-6), name
     wrong = tiny_config("train.max_steps=1", "model.hidden_size=40")
-    with pytest.raises(RuntimeError, match="does not match"):
+    with pytest.raises(UserError, match="32 of another shape .* use the --config and model overrides"):
         train(wrong, tmp_path / "wrong", init_from=str(final), progress=False)
+    assert not (tmp_path / "wrong").exists()  # a rejected start leaves no run folder
 
 
 def test_loss_goes_down_on_mnist(tmp_path):
