@@ -12,9 +12,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "maskdit_fast"
 
 # Lowest first; a module belongs to the longest prefix listed.
 LAYERS: list[tuple[str, ...]] = [
-    ("maskdit_fast._version", "maskdit_fast.config", "maskdit_fast.files"),
+    ("maskdit_fast._version", "maskdit_fast.config", "maskdit_fast.files", "maskdit_fast.errors",
+     "maskdit_fast.integrity", "maskdit_fast.safe_pickle"),
     ("maskdit_fast.dist", "maskdit_fast.models", "maskdit_fast.data"),
-    ("maskdit_fast.storage", "maskdit_fast.diffusion", "maskdit_fast.errors"),
+    ("maskdit_fast.storage", "maskdit_fast.diffusion"),
     ("maskdit_fast.checkpoint", "maskdit_fast.generate"),
     ("maskdit_fast.train", "maskdit_fast.convert"),
     ("maskdit_fast.dydit",),

@@ -200,5 +200,5 @@ def test_stale_lock_and_leftovers_are_taken_over(copy, caplog):
     assert not any(path.exists() for path in leftovers) and not (copy / "checkpoints" / ".tmp-step-0000009").exists()
     assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == [f"step-000000{i}" for i in (1, 2, 3)]
     assert (copy / ".lock").read_text() == ""  # released at the end
-    for name in ("ema.safetensors", "metrics.jsonl", "config.yaml"):
+    for name in ("ema.safetensors", "metrics.jsonl", "config.json"):
         assert stat.S_IMODE((copy / name).stat().st_mode) == 0o644, name
