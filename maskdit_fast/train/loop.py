@@ -225,8 +225,9 @@ def _restore(path: Path, run: Run, net: nn.Module, optimizer, scaler, env: Dist,
 def train_loop(run: Run, out_dir: Path, env: Dist, data, precision: str, accumulation: int, state_path: Path | None,
                lock: RunLock, progress: bool = True) -> None:
     """Collective: train ``run`` from its newest state ``state_path`` (None: from scratch) to
-    ``train.max_steps`` in ``out_dir``, whose ``lock`` :func:`check_run_dir` took if it could. ``data``: the step-indexed loader (:mod:`maskdit_fast.data.loader`),
-    ``accumulation`` micro-batches per step and process; ``precision`` resolved (bf16 | fp16 | fp32)."""
+    ``train.max_steps`` in ``out_dir`` (``lock``: its lock, from :func:`check_run_dir`). ``data``: the
+    step-indexed loader (:mod:`maskdit_fast.data.loader`), ``accumulation`` micro-batches per step and
+    process; ``precision`` resolved (bf16 | fp16 | fp32)."""
     cfg, t, device = run.cfg, run.cfg.train, env.device
     split = env.world_size * accumulation > 1  # else: one continuous RNG stream, as in a plain run
     raw, ema = run.raw, run.ema

@@ -205,4 +205,4 @@ def test_a_non_finite_loss_stops_the_run_at_its_step(tmp_path, base_ckpt, monkey
     monkeypatch.setattr(ft, "dydit_loss", poisoned)
     with pytest.raises(SystemExit) as exit_:  # a message, no traceback
         main(["finetune", "--init", str(base_ckpt), "--out", str(tmp_path / "run"), "--no-progress", *TINY_RUN])
-    assert exit_.value.code == 2 and "loss is not finite at step 2" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "loss is nan at step 2" in capsys.readouterr().err
