@@ -20,6 +20,7 @@ from maskdit_fast.cli import sample_main, train_main
 from maskdit_fast.data.latents import LatentFormatError, LatentShards
 from maskdit_fast.data.loader import build_loader
 from maskdit_fast.dydit.__main__ import main as dydit_main
+from maskdit_fast.eval.__main__ import main as eval_main
 from maskdit_fast.train import trainer as trainer_module
 from maskdit_fast.storage import latest_training_state, load_training_state
 from tests.data.helpers import make_latent_folder
@@ -85,6 +86,7 @@ def test_bad_checkpoint_files(run, tmp_path, capsys):
         fails(capsys, sample_main, ["--ckpt", str(bad), "--out", str(tmp_path / "s")], str(bad), "export or download")
         fails(capsys, train_main, ["--out", str(tmp_path / "x"), "--init-from", str(bad), *RUN], str(bad))
         fails(capsys, dydit_main, ["finetune", "--init", str(bad), "--out", str(tmp_path / "d")], str(bad))
+        fails(capsys, eval_main, ["generate", "--ckpt", str(bad), "--out", str(tmp_path / "g")], str(bad))
     notes = tmp_path / "notes.txt"
     notes.write_text("hello")
     fails(capsys, sample_main, ["--ckpt", str(notes), "--out", str(tmp_path / "s")], "is not a checkpoint")
@@ -101,6 +103,8 @@ def test_flipped_byte_in_ema_weights_is_named(run, tmp_path, capsys):
     data[-5] ^= 0x10
     damaged.write_bytes(bytes(data))
     fails(capsys, sample_main, ["--ckpt", str(damaged), "--out", str(tmp_path / "s")], "is damaged")
+    fails(capsys, eval_main, ["generate", "--ckpt", str(damaged), "--out", str(tmp_path / "g")], "is damaged")
+    fails(capsys, eval_main, ["mnist", str(tmp_path / "missing.npz")], "missing.npz")
 
 
 @pytest.mark.parametrize("damage", ["deleted", "truncated", "metadata"])

@@ -14,11 +14,11 @@ import argparse
 import numpy as np
 import torch
 
+from maskdit_fast.errors import ArgumentParser
 from maskdit_fast.eval import generate_samples
 from maskdit_fast.eval.images import load_npz_images, to_uint8_nhwc
 from maskdit_fast.eval.metrics import (
     INCEPTION_WEIGHTS_ENV,
-    FeatureExtractorUnavailable,
     InceptionV3,
     evaluate_npz,
     write_reference_stats,
@@ -30,8 +30,8 @@ from maskdit_fast.eval.mnist_classifier import (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="python -m maskdit_fast.eval",
         description="Evaluate generated samples: Inception metrics (ADM protocol) and MNIST metrics.",
     )
@@ -121,10 +121,8 @@ def _run_mnist_ref(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+    with parser.user_errors():  # bad input (missing or damaged file, bad request): one message, exit 2
         args.handler(args)
-    except (FeatureExtractorUnavailable, generate_samples.GenerateError) as error:
-        parser.exit(2, f"error: {error}\n")
 
 
 if __name__ == "__main__":

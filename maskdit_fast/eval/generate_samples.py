@@ -42,6 +42,7 @@ from maskdit_fast._version import __version__
 from maskdit_fast.config import SOLVERS, SampleConfig
 from maskdit_fast.data.vae import decode_latents, load_vae
 from maskdit_fast.dist import processes
+from maskdit_fast.errors import UserError
 from maskdit_fast.files import atomic_write
 from maskdit_fast.generate import generate, open_for_sampling, seed_labels, to_uint8_nhwc
 from maskdit_fast.models.precision import resolve_precision
@@ -59,7 +60,7 @@ SAMPLER_NAMES = {"heun": "edm-deterministic", "euler": "edm-deterministic",  # E
                  "ddpm": "ddpm-ancestral", "ddim": "ddim"}  # DiT's schedule respaced to `steps`
 
 
-class GenerateError(ValueError):
+class GenerateError(UserError):
     """A bad request or an output folder that cannot be resumed; the message says what to do."""
 
 

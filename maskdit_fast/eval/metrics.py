@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from maskdit_fast.errors import UserError
 from maskdit_fast.eval.frechet import feature_statistics, frechet_distance
 from maskdit_fast.eval.images import ImageBatch, load_npz_images, to_uint8_nhwc
 
@@ -54,7 +55,7 @@ class FeatureExtractor(Protocol):
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
 
-class FeatureExtractorUnavailable(RuntimeError):
+class FeatureExtractorUnavailable(UserError):
     """The feature extractor's code or weights cannot be loaded; the message says how to fix it."""
 
 
