@@ -10,7 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["maskdit_fast", "maskdit_fast.*", "kernels", "kernels.*"]),
-    package_data={"maskdit_fast.data": ["mnist10k.npz", "README.md"]},
+    package_data={"maskdit_fast.data": ["mnist10k.npz", "README.md"],
+                  "maskdit_fast.eval": ["mnist_classifier_v*.safetensors"]},
     data_files=[("share/maskdit_fast/configs", [str(p) for p in sorted(Path("configs").glob("*.yaml"))])],
     install_requires=[
         "torch>=2.4",

@@ -8,14 +8,17 @@ samples and of the 1000 held-out real digits (`frechet`, an "FID" for MNIST; low
 for the held-out set itself; like FID it is biased upwards for small sample counts, so compare
 values computed from the same number of samples).
 
-Weights: trained on first use, then cached, not shipped. Training is seeded, runs in about half a
-minute on one CPU core, and depends only on the bundled data, so shipping a binary blob would buy
-little and could silently fall out of step with this file's architecture. The cache file lives in
-`$MASKDIT_CACHE` (default `~/.cache/maskdit_fast`) under a name carrying `CLASSIFIER_VERSION`; bump
-the version whenever the architecture or the training recipe changes. Training is single-threaded
-and deterministic on one kind of CPU with one torch build; other CPUs (other SIMD kernels) or torch
-versions may give slightly different weights, so Fréchet values are strictly comparable only when
-computed with the same cache file (copy it between machines to compare runs made on different ones).
+Weights: shipped with the package (`mnist_classifier_v{CLASSIFIER_VERSION}.safetensors` next to this
+file, 0.6 MB), so every machine scores samples with the same network and Fréchet values compare
+across machines, and the first MNIST run does not spend a minute training it. They are exactly what
+`train_mnist_classifier()` gave on a 2-vCPU AMD EPYC with torch 2.13.0+cpu, written by
+`python -m maskdit_fast.eval mnist-classifier OUT`; tests check that they load strictly into this
+architecture, carry `CLASSIFIER_VERSION`, score >= 98% on the held-out digits and agree with a
+freshly trained classifier. Bump the version (and re-ship) whenever the architecture or the training
+recipe changes. `get_mnist_classifier(cache_dir)` instead trains the classifier on this machine once
+and caches it in `cache_dir` under the versioned name. Training is seeded, single-threaded and takes
+about half a minute on one core; it is deterministic on one kind of CPU with one torch build, while
+other CPUs (other SIMD kernels) or torch versions may give slightly different weights.
 """
 
 import os
@@ -27,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -37,6 +41,7 @@ CLASSIFIER_VERSION = 1
 NUM_TRAIN = 9000  # the first 9000 bundled digits train the classifier, the last 1000 are held out
 FEATURE_DIM = 128
 _MNIST_PATH = Path(__file__).resolve().parents[1] / "data" / "mnist10k.npz"
+SHIPPED_WEIGHTS = Path(__file__).resolve().with_name(f"mnist_classifier_v{CLASSIFIER_VERSION}.safetensors")
 
 
 class MnistClassifier(nn.Module):
@@ -152,29 +157,48 @@ def default_cache_dir() -> Path:
 def get_mnist_classifier(
     cache_dir: str | Path | None = None, device: str | torch.device = "cpu", progress: bool = True
 ) -> MnistClassifier:
-    """Load the cached classifier weights, or train them (about half a minute) and cache them.
+    """The package's MNIST classifier.
 
     Args:
-        cache_dir: where `mnist_classifier_v{CLASSIFIER_VERSION}.safetensors` lives
-            (default: `default_cache_dir()`).
+        cache_dir: None (default): the weights shipped with the package (`SHIPPED_WEIGHTS`); when that
+            file is missing (a stripped install), weights trained here once and cached in
+            `default_cache_dir()`. A folder: weights trained on this machine (about half a minute) and
+            cached there as `mnist_classifier_v{CLASSIFIER_VERSION}.safetensors`, reused next time.
         device: where the returned model lives; `mnist_metrics` runs it there.
         progress: show a progress bar while training.
 
     Returns:
         A `MnistClassifier` in eval mode with gradients disabled.
     """
-    path = Path(cache_dir or default_cache_dir()) / f"mnist_classifier_v{CLASSIFIER_VERSION}.safetensors"
+    if cache_dir is None and SHIPPED_WEIGHTS.exists():
+        return load_mnist_classifier(SHIPPED_WEIGHTS).to(device)
+    path = Path(cache_dir or default_cache_dir()) / SHIPPED_WEIGHTS.name
     if path.exists():
-        model = MnistClassifier()
-        model.load_state_dict(load_file(path))
-        model.eval().requires_grad_(False)
-    else:
-        model = train_mnist_classifier(progress=progress)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # atomic: concurrent users never see half a file
-        save_file(model.state_dict(), tmp, metadata={"version": str(CLASSIFIER_VERSION)})
-        os.replace(tmp, path)
+        return load_mnist_classifier(path).to(device)
+    model = train_mnist_classifier(progress=progress)
+    save_mnist_classifier(model, path)
     return model.to(device)
+
+
+def load_mnist_classifier(path: str | Path) -> MnistClassifier:
+    """Weights written by `save_mnist_classifier` (strict: they must fit this architecture and version)."""
+    with safe_open(str(path), framework="pt") as f:
+        version = (f.metadata() or {}).get("version")
+    if version != str(CLASSIFIER_VERSION):
+        raise ValueError(f"{path}: MNIST classifier weights of version {version}, this code is version "
+                         f"{CLASSIFIER_VERSION}; delete the file to train matching ones")
+    model = MnistClassifier()
+    model.load_state_dict(load_file(path))
+    return model.eval().requires_grad_(False)
+
+
+def save_mnist_classifier(model: MnistClassifier, path: str | Path) -> None:
+    """Write the weights atomically (concurrent users never see half a file), tagged with the version."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    save_file(model.state_dict(), tmp, metadata={"version": str(CLASSIFIER_VERSION)})
+    os.replace(tmp, path)
 
 
 @torch.no_grad()

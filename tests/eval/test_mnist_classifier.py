@@ -7,12 +7,17 @@ import torch.nn.functional as F
 
 from maskdit_fast.eval.__main__ import main
 from maskdit_fast.eval.images import to_uint8_nhwc
+from maskdit_fast.eval import mnist_classifier as mc
 from maskdit_fast.eval.mnist_classifier import (
     CLASSIFIER_VERSION,
+    SHIPPED_WEIGHTS,
+    MnistClassifier,
     get_mnist_classifier,
+    load_mnist_classifier,
     mnist_metrics,
     mnist_split,
     random_shift,
+    save_mnist_classifier,
 )
 
 
@@ -73,6 +78,52 @@ def test_cached_weights_are_reused(mnist_cache, mnist_classifier) -> None:
     assert not loaded.training
     for name, tensor in mnist_classifier.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0)
+
+
+def test_shipped_weights_are_the_recipes(mnist_classifier) -> None:
+    """The shipped file is a classifier of this version and recipe: as accurate as a fresh one and
+    agreeing with it (the session fixture trains one here) on nearly every held-out digit."""
+    shipped = load_mnist_classifier(SHIPPED_WEIGHTS)
+    images, labels = mnist_split("heldout")
+    assert mnist_metrics(images, labels, shipped)["accuracy"] >= 0.98
+    agree = (shipped(images).argmax(1) == mnist_classifier(images).argmax(1)).float().mean().item()
+    assert agree >= 0.97
+
+
+def test_default_classifier_is_the_shipped_one(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("MASKDIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(mc, "train_mnist_classifier", lambda **_: pytest.fail("trained instead of loading"))
+    model = get_mnist_classifier()
+    shipped = load_mnist_classifier(SHIPPED_WEIGHTS)
+    for name, tensor in shipped.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=0, atol=0)
+    assert not list(tmp_path.iterdir())  # nothing trained or cached
+
+
+def test_missing_shipped_file_falls_back_to_training(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(mc, "SHIPPED_WEIGHTS", tmp_path / "gone" / SHIPPED_WEIGHTS.name)
+    monkeypatch.setenv("MASKDIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(mc, "train_mnist_classifier", lambda **_: MnistClassifier().eval())
+    get_mnist_classifier(progress=False)
+    assert (tmp_path / "cache" / SHIPPED_WEIGHTS.name).is_file()
+
+
+def test_weights_of_another_version_are_refused(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "old.safetensors"
+    monkeypatch.setattr(mc, "CLASSIFIER_VERSION", CLASSIFIER_VERSION + 1)
+    save_mnist_classifier(MnistClassifier(), path)
+    monkeypatch.setattr(mc, "CLASSIFIER_VERSION", CLASSIFIER_VERSION)
+    with pytest.raises(ValueError, match="version"):
+        load_mnist_classifier(path)
+
+
+def test_classifier_cli_writes_loadable_weights(tmp_path, monkeypatch, capsys) -> None:
+    import maskdit_fast.eval.__main__ as cli
+
+    monkeypatch.setattr(cli, "train_mnist_classifier", lambda: MnistClassifier().eval())
+    main(["mnist-classifier", str(tmp_path / "c.safetensors")])
+    assert "held-out accuracy" in capsys.readouterr().out
+    load_mnist_classifier(tmp_path / "c.safetensors")
 
 
 def test_random_shift_translates_without_losing_ink() -> None:
