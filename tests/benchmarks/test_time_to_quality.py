@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.policy import Policy
-from benchmarks.time_to_quality import BudgetHook, Target, compare_runs, time_to_target
+from benchmarks.time_to_quality import BudgetHook, Target, compare_runs, markdown, time_to_target
 from maskdit_fast.config import load_config
 from maskdit_fast.train.trainer import train
 
@@ -132,3 +132,15 @@ def test_tiny_mode_end_to_end(tmp_path, mnist_classifier, mnist_cache):
     again = subprocess.run([sys.executable, "-m", "benchmarks.time_to_quality", "--tiny", "--out", str(out)],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "already holds" in again.stderr
+
+
+def test_the_committed_cpu_result_is_what_the_tool_writes_and_names_the_faster_model():
+    folder = ROOT / "benchmarks" / "results" / "cpu-epyc-2vcpu" / "time-to-quality"
+    report = json.loads((folder / "time_to_quality.json").read_text())
+    assert markdown(report) == (folder / "time_to_quality.md").read_text()
+    assert report["settings"]["budget_s"] >= 600 and not report["settings"]["tiny"]
+    assert all(run["train_s"] >= 600 for run in report["runs"].values())
+    report["comparison"]["speedup"] = 2.0
+    assert "(MaskDiT 2.00× faster)" in markdown(report)
+    report["comparison"]["speedup"] = 0.5
+    assert "(DiT 2.00× faster)" in markdown(report)
