@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from maskdit_fast.eval.frechet import feature_statistics, frechet_distance
@@ -182,13 +182,14 @@ def get_mnist_classifier(
 
 def load_mnist_classifier(path: str | Path) -> MnistClassifier:
     """Weights written by `save_mnist_classifier` (strict: they must fit this architecture and version)."""
-    with safe_open(str(path), framework="pt") as f:
+    with safe_open(str(path), framework="pt") as f:  # one read: the version tag and the tensors
         version = (f.metadata() or {}).get("version")
-    if version != str(CLASSIFIER_VERSION):
-        raise ValueError(f"{path}: MNIST classifier weights of version {version}, this code is version "
-                         f"{CLASSIFIER_VERSION}; delete the file to train matching ones")
+        if version != str(CLASSIFIER_VERSION):
+            raise ValueError(f"{path}: MNIST classifier weights of version {version}, this code is version "
+                             f"{CLASSIFIER_VERSION}; delete the file to train matching ones")
+        state = {name: f.get_tensor(name) for name in f.keys()}
     model = MnistClassifier()
-    model.load_state_dict(load_file(path))
+    model.load_state_dict(state)
     return model.eval().requires_grad_(False)
 
 
