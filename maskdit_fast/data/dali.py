@@ -33,6 +33,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from .latents import LatentFormatError, RecordLayout, corrupted_record, fix_hint, index_problem
+
 log = logging.getLogger(__name__)
 
 
@@ -66,6 +68,7 @@ class DaliLatentLoader:
         self.shuffle_buffer, self.threads = shuffle_buffer, threads
         self.vae = meta.get("vae")  # the VAE that encoded the latents
         self.first = np.concatenate([[0], np.cumsum([s["count"] for s in meta["shards"]])])
+        self.layout = RecordLayout(tuple(meta["shape"]), meta["dtype"])
         if meta["count"] < world_size:
             raise ValueError(f"{path}: {meta['count']} samples cannot be split over {world_size} processes")
         # what a saved reader position is valid for
@@ -98,16 +101,18 @@ class DaliLatentLoader:
                 paths=files, index_paths=index, ext=["lat", "lbl"], shard_id=self.rank, num_shards=self.world_size,
                 random_shuffle=True, initial_fill=self.shuffle_buffer, seed=int(seeds[1] % 2**31),
                 stick_to_shard=False, pad_last_batch=False, missing_component_behavior="error", name="reader")
-            info = fn.get_property(lat, key="source_info")
+            info = fn.get_property(lat, key="source_info"), fn.get_property(lbl, key="source_info")
             post = fn.reinterpret(lat, dtype=dtype, shape=[2, c, h, w], layout="FCHW")
             label = fn.cast(fn.reinterpret(lbl, dtype=types.INT32, shape=[]), dtype=types.INT64)
+            # per-sample sum on the CPU threads: finite iff every value is (fp16 values cannot overflow it)
+            total = fn.reductions.sum(fn.cast(post, dtype=types.FLOAT))
             if gpu:
                 post = post.gpu()
             mean, logvar = fn.cast(post[0], dtype=types.FLOAT), fn.cast(post[1], dtype=types.FLOAT)
             x = (mean + dmath.exp(logvar * 0.5) * fn.random.normal(mean)) * self.scale
             if self.flips:
                 x = fn.flip(x, horizontal=fn.random.coin_flip())
-            return x, label, info
+            return x, label, total, *info
 
         pipe = pipeline(checkpoint=checkpoint) if checkpoint else pipeline()
         pipe.build()
@@ -129,14 +134,53 @@ class DaliLatentLoader:
                         "not exact", self.rank)
         self.pipe = self._build(checkpoint, restart=0 if checkpoint else step)
 
-    def _index(self, info) -> torch.Tensor:
-        """Global sample indices from the source info ``path:offset:SSSSS-JJJJJJJ.lat``."""
-        out = []
-        for i in range(len(info)):
-            key = bytes(np.asarray(info[i])).decode().rsplit(":", 1)[-1].split(".", 1)[0]
-            shard, record = key.split("-")
-            out.append(self.first[int(shard)] + int(record))
-        return torch.tensor(out, dtype=torch.int64)
+    def _index(self, lat_info, lbl_info) -> np.ndarray:
+        """Global sample indices from the source infos ``path:offset:SSSSS-JJJJJJJ.ext`` of the two
+        members; each member must come from its record's place in its shard (else the DALI index is
+        corrupted: it alone tells the reader where the members are)."""
+        lay, out = self.layout, []
+        for i in range(len(lat_info)):
+            (path, lat_at, key), (_, lbl_at, lbl_key) = (
+                bytes(np.asarray(info[i])).decode().rsplit(":", 2) for info in (lat_info, lbl_info))
+            shard, record = (int(part) for part in key.split(".", 1)[0].split("-"))
+            entry = self.meta["shards"][shard]
+            base = record * lay.record_bytes
+            if (path, int(lat_at), int(lbl_at), lbl_key.split(".", 1)[0]) != (
+                    str(self.path / entry["file"]), base + lay.latent_offset, base + lay.label_offset, key.split(".", 1)[0]):
+                err = LatentFormatError(f"{self.path / entry['index']}: the entry of record {record} is corrupted (it "
+                                        f"points to {path} bytes {lat_at} and {lbl_at}); "
+                                        f"{fix_hint(self.path / entry['file'])}")
+                err.local = True
+                raise err
+            out.append(self.first[shard] + record)
+        return np.array(out, dtype=np.int64)
+
+    def _run(self):
+        """One micro-batch from the pipeline; a DALI failure caused by a corrupted index (a member of
+        another size, which DALI cannot reinterpret) is reported as the index entry at fault."""
+        try:
+            return self.pipe.run()
+        except RuntimeError as err:
+            for shard in range(len(self.meta["shards"])):
+                problem = index_problem(self.path, self.meta, shard)
+                if problem is not None:
+                    bad = LatentFormatError(f"{problem}; {fix_hint(self.path / self.meta['shards'][shard]['file'])}")
+                    bad.local = True
+                    raise bad from err
+            raise
+
+    def _check(self, idx: np.ndarray, labels: torch.Tensor, totals: np.ndarray) -> None:
+        """Labels in range and finite latents, as the PyTorch loader checks each record it reads."""
+        classes = self.meta["num_classes"]
+        bad_label = ((labels < 0) | (labels >= max(classes, 1))).numpy()
+        bad = bad_label | ~np.isfinite(totals)
+        if bad.any():
+            first = int(np.argmax(bad))
+            shard = int(np.searchsorted(self.first, idx[first], side="right") - 1)
+            reason = (f"label {int(labels[first])} outside 0..{classes - 1}" if bad_label[first]
+                      else "non-finite latent values")
+            raise corrupted_record(self.path / self.meta["shards"][shard]["file"], int(idx[first] - self.first[shard]),
+                                   reason)
 
     def _to_torch(self, tensor_list) -> torch.Tensor:
         """A DALI batch -> a torch tensor on the training device. As DALI's own PyTorch iterator does
@@ -153,9 +197,12 @@ class DaliLatentLoader:
         if self.pipe is None:
             raise RuntimeError("DaliLatentLoader.start(step, max_steps) must be called before step()")
         for a in range(self.accumulation):
-            x, label, info = self.pipe.run()
-            idx = self._index(info).to(self.device)
-            yield self.rank * self.accumulation + a, idx, self._to_torch(x), self._to_torch(label)
+            x, label, total, lat_info, lbl_info = self._run()
+            idx = self._index(lat_info, lbl_info)
+            labels = torch.from_dlpack(label.as_tensor())  # on the CPU: checked without a device sync
+            self._check(idx, labels, np.asarray(total.as_tensor()))
+            yield (self.rank * self.accumulation + a, torch.from_numpy(idx).to(self.device), self._to_torch(x),
+                   labels.to(self.device, non_blocking=True))
 
     def state(self) -> bytes | None:
         """The reader position after the last step read: a JSON line saying what it is valid for,

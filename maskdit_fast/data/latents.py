@@ -118,14 +118,6 @@ def _tar_header(name: str, size: int) -> bytes:
     return header
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _atomic_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
@@ -137,6 +129,18 @@ def _atomic_bytes(path: Path, data: bytes) -> None:
 
 def write_json(path: Path, value) -> None:
     _atomic_bytes(Path(path), (json.dumps(value, indent=1) + "\n").encode())
+
+
+def index_line(shard: int, record: int, layout: RecordLayout) -> str:
+    """Record ``record``'s line of a shard's DALI index: each member's extension, offset, size, name."""
+    key, base = record_key(shard, record), record * layout.record_bytes
+    return (f"{LATENT_EXT} {base + layout.latent_offset} {layout.latent_bytes} {key}.{LATENT_EXT} "
+            f"{LABEL_EXT} {base + layout.label_offset} 4 {key}.{LABEL_EXT}")
+
+
+def index_text(shard: int, layout: RecordLayout, count: int) -> str:
+    """The whole DALI index (webdataset v1.2) of a shard of ``count`` records."""
+    return "".join([f"v1.2 {count}\n", *(index_line(shard, j, layout) + "\n" for j in range(count))])
 
 
 def write_shard(out_dir: Path, shard: int, layout: RecordLayout, posterior: np.ndarray, labels: np.ndarray,
@@ -154,7 +158,6 @@ def write_shard(out_dir: Path, shard: int, layout: RecordLayout, posterior: np.n
     tar_path, tmp = out_dir / f"{name}.tar", out_dir / f".{name}.tar.tmp"
     lat_pad = b"\0" * (pad_block(layout.latent_bytes) - layout.latent_bytes)
     lbl_pad = b"\0" * (BLOCK - 4)
-    index_lines = [f"v1.2 {n}"]
     digest = hashlib.sha256()
     with open(tmp, "wb") as f:
         def put(data: bytes) -> None:
@@ -162,20 +165,17 @@ def write_shard(out_dir: Path, shard: int, layout: RecordLayout, posterior: np.n
             digest.update(data)
         for j in range(n):
             key = record_key(shard, j)
-            base = j * layout.record_bytes
             put(_tar_header(f"{key}.{LATENT_EXT}", layout.latent_bytes))
             put(posterior[j].tobytes())
             put(lat_pad)
             put(_tar_header(f"{key}.{LABEL_EXT}", 4))
             put(labels[j].tobytes())
             put(lbl_pad)
-            index_lines.append(f"{LATENT_EXT} {base + layout.latent_offset} {layout.latent_bytes} {key}.{LATENT_EXT} "
-                               f"{LABEL_EXT} {base + layout.label_offset} 4 {key}.{LABEL_EXT}")
         put(b"\0" * END_OF_ARCHIVE)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, tar_path)
-    _atomic_bytes(out_dir / f"{name}.idx", ("\n".join(index_lines) + "\n").encode())
+    _atomic_bytes(out_dir / f"{name}.idx", index_text(shard, layout, n).encode())
     summary = {"file": tar_path.name, "index": f"{name}.idx", "count": n, "bytes": layout.shard_bytes(n),
                "sha256": digest.hexdigest(), **(extra or {})}
     write_json(out_dir / f"{name}.json", summary)
@@ -227,13 +227,115 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
+VERIFY_CHUNK = 1024  # records per read when a whole shard is checked (17 MB at 4x32x32 fp16)
+
+
+def parse_records(rows: np.ndarray, shard: int, records: np.ndarray, layout: RecordLayout, num_classes: int
+                  ) -> tuple[np.ndarray, np.ndarray, tuple[int, str] | None]:
+    """Whole records ``rows`` (n, record_bytes) uint8, records ``records`` (n,) of shard ``shard`` ->
+    (posterior (n, 2, C, H, W) in the stored dtype, labels (n,) int32, problem). ``problem`` is None or
+    (position in ``rows``, what is wrong) for the first bad record: a tar header with another name, size
+    or format than the writer's, a label outside 0..num_classes-1, or non-finite latent values."""
+    n = len(rows)
+    keys = np.frombuffer("".join(record_key(shard, int(j)) for j in records).encode(), np.uint8).reshape(n, -1)
+    width = keys.shape[1]
+    checks = []
+    for ext, start, size in ((LATENT_EXT, 0, layout.latent_bytes), (LABEL_EXT, layout.label_offset - BLOCK, 4)):
+        header, expected = rows[:, start:start + BLOCK], np.frombuffer(_tar_header(f"{'0' * width}.{ext}", size), np.uint8)
+        ok = (header[:, :width] == keys).all(1)
+        for a, b in ((width, 100), (124, 136), (257, 265)):  # rest of the name, size, magic and version
+            ok &= (header[:, a:b] == expected[a:b]).all(1)
+        checks.append((~ok, lambda i, ext=ext: f"its .{ext} tar header is not the expected one (name, size or format)"))
+    dtype = np.dtype(DTYPES[layout.dtype]).newbyteorder("<")
+    lat = rows[:, layout.latent_offset:layout.latent_offset + layout.latent_bytes]
+    posterior = np.ascontiguousarray(lat).view(dtype).reshape(n, 2, *layout.shape)
+    labels = np.ascontiguousarray(rows[:, layout.label_offset:layout.label_offset + 4]).view("<i4")[:, 0]
+    checks.append(((labels < 0) | (labels >= max(num_classes, 1)),
+                   lambda i: f"label {int(labels[i])} outside 0..{num_classes - 1}"))
+    checks.append((~np.isfinite(posterior.reshape(n, -1)).all(1), lambda i: "non-finite latent values"))
+    bad = np.logical_or.reduce([b for b, _ in checks])
+    if not bad.any():
+        return posterior, labels, None
+    first = int(np.argmax(bad))
+    return posterior, labels, (first, next(reason for b, reason in checks if b[first])(first))
+
+
+def fix_hint(file: Path) -> str:
+    """What to do about a bad shard ``file``: re-encode it (prepare skips finished shards)."""
+    return (f"delete {file.name} and {file.stem}.json in {file.parent} and run prepare again to re-encode the "
+            f"shard (python -m maskdit_fast.data.latents verify {file.parent} checks every shard)")
+
+
+def corrupted_record(file: Path, record: int, reason: str) -> LatentFormatError:
+    """The error for a bad record found while reading (by the rank that reads it: ``local``)."""
+    err = LatentFormatError(f"{file}: record {record} is corrupted ({reason}); {fix_hint(file)}")
+    err.local = True
+    return err
+
+
+def shard_problem(folder: Path, meta: dict, shard: int, full: bool) -> str | None:
+    """The first problem of shard ``shard`` of the latent folder ``folder`` (None: none found). Always
+    (cheap): the tar and its DALI index exist and the tar has its exact size (a truncated shard names
+    the first incomplete record). ``full`` (reads the shard): every record (:func:`parse_records`),
+    the end-of-archive blocks, the sha256 against meta.json, and the index line by line."""
+    layout = RecordLayout(tuple(meta["shape"]), meta["dtype"])
+    entry, folder = meta["shards"][shard], Path(folder)
+    file, index, count = folder / entry["file"], folder / entry["index"], entry["count"]
+    if not file.is_file():
+        return f"{file}: shard missing"
+    size, expected = file.stat().st_size, layout.shard_bytes(count)
+    if size != expected:
+        where = (f"truncated: record {size // layout.record_bytes} is the first incomplete one" if size < expected
+                 else "longer than its records")
+        return (f"{file}: {size} bytes, expected {expected} ({count} records of {layout.record_bytes} bytes + "
+                f"{END_OF_ARCHIVE}): {where}")
+    if not index.is_file():
+        return f"{index}: DALI index missing"
+    if not full:
+        return None
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for first in range(0, count, VERIFY_CHUNK):
+            n = min(VERIFY_CHUNK, count - first)
+            data = f.read(n * layout.record_bytes)
+            digest.update(data)
+            rows = np.frombuffer(data, np.uint8).reshape(n, layout.record_bytes)
+            *_, problem = parse_records(rows, shard, np.arange(first, first + n), layout, meta["num_classes"])
+            if problem is not None:
+                return f"{file}: record {first + problem[0]} is corrupted ({problem[1]})"
+        tail = f.read()
+    digest.update(tail)
+    if any(tail):
+        return f"{file}: the end-of-archive blocks are not zero"
+    if digest.hexdigest() != entry["sha256"]:
+        return (f"{file}: sha256 {digest.hexdigest()} does not match meta.json ({entry['sha256']}): the shard is "
+                "corrupted (its records are well-formed: changed values)")
+    return index_problem(folder, meta, shard)
+
+
+def index_problem(folder: Path, meta: dict, shard: int) -> str | None:
+    """The first line of shard ``shard``'s DALI index that differs from what the writer wrote (None: none)."""
+    entry = meta["shards"][shard]
+    index = Path(folder) / entry["index"]
+    if not index.is_file():
+        return f"{index}: DALI index missing"
+    layout = RecordLayout(tuple(meta["shape"]), meta["dtype"])
+    found, wanted = index.read_text().splitlines(), index_text(shard, layout, entry["count"]).splitlines()
+    if found == wanted:
+        return None
+    line = next((i for i, (a, b) in enumerate(zip(found, wanted)) if a != b), min(len(found), len(wanted)))
+    what = "its header line" if line == 0 else f"the entry of record {line - 1}"
+    return f"{index}: {what} is not the expected one (line {line + 1}: {(found + [''])[line]!r})"
+
+
 class LatentShards:
     """Random access to a latent folder: ``read(indices)`` -> (posterior (n, 2, C, H, W), labels (n,)).
 
-    Opening checks meta.json and the size of every shard (a truncated shard raises
-    :class:`LatentFormatError` naming it); ``verify=True`` also checks every shard's sha256.
-    Shards are memory-mapped lazily in each process (so the object pickles cheaply into
-    DataLoader workers); every read checks the tar headers and the finiteness of what it returns.
+    Opening checks meta.json and every shard (:func:`shard_problem`: its size, so a truncated shard
+    raises :class:`LatentFormatError` naming it and its first incomplete record; ``verify=True``: every
+    record, the sha256 and the DALI index). Shards are memory-mapped lazily in each process (so the
+    object pickles cheaply into DataLoader workers); every read checks the records it returns
+    (:func:`parse_records`: tar headers, label, finite values) and names the first bad one.
     """
 
     def __init__(self, path: str | Path, verify: bool = False):
@@ -249,20 +351,10 @@ class LatentShards:
         if self.first[-1] != self.meta["count"]:
             raise LatentFormatError(f"{self.path / 'meta.json'}: shard counts add up to {self.first[-1]}, not "
                                     f"count={self.meta['count']}")
-        for file, shard in zip(self.files, self.meta["shards"]):
-            expected = self.layout.shard_bytes(shard["count"])
-            if not file.is_file():
-                raise LatentFormatError(f"{file}: shard missing")
-            size = file.stat().st_size
-            if size != expected:
-                raise LatentFormatError(f"{file}: {size} bytes, expected {expected} ({shard['count']} records of "
-                                        f"{self.layout.record_bytes} bytes + {END_OF_ARCHIVE}): the shard is truncated "
-                                        "or corrupted; delete it and its .json and run prepare again")
-            if verify:
-                digest = sha256_file(file)
-                if digest != shard["sha256"]:
-                    raise LatentFormatError(f"{file}: sha256 {digest} does not match meta.json ({shard['sha256']}): "
-                                            "the shard is corrupted")
+        for shard, file in enumerate(self.files):
+            problem = shard_problem(self.path, self.meta, shard, full=verify)
+            if problem is not None:
+                raise LatentFormatError(f"{problem}; {fix_hint(file)}")
         self._maps: dict[int, np.memmap] = {}
 
     def __len__(self) -> int:
@@ -301,27 +393,15 @@ class LatentShards:
         """posterior (n, 2, C, H, W) in the stored dtype, labels (n,) int64, in the order of ``indices``."""
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         lay = self.layout
-        dtype = np.dtype(DTYPES[lay.dtype]).newbyteorder("<")
         posterior = np.empty((len(indices), 2, *lay.shape), dtype=DTYPES[lay.dtype])
         labels = np.empty(len(indices), dtype=np.int64)
         shards, records = self.locate(indices)
         for s in np.unique(shards):
             where = np.nonzero(shards == s)[0]
             rows = self._map(int(s))[records[where]]  # one gather of whole records
-            bad = (rows[:, 257:262] != np.frombuffer(b"ustar", np.uint8)).any(1)
-            bad |= (rows[:, lay.label_offset - BLOCK + 257:lay.label_offset - BLOCK + 262] != np.frombuffer(b"ustar", np.uint8)).any(1)
-            post = rows[:, lay.latent_offset:lay.latent_offset + lay.latent_bytes].copy().view(dtype)
-            post = post.reshape(len(where), 2, *lay.shape)
-            bad |= ~np.isfinite(post.reshape(len(where), -1)).all(1)
-            found = rows[:, lay.label_offset:lay.label_offset + 4].copy().view("<i4")[:, 0]
-            bad |= (found < 0) | (found >= max(self.meta["num_classes"], 1))
-            if bad.any():
-                record = int(records[where][np.argmax(bad)])
-                err = LatentFormatError(f"{self.files[s]}: record {record} is corrupted (bad tar header, non-finite "
-                                        f"values or a label outside 0..{self.meta['num_classes'] - 1}); check the shard "
-                                        "with python -m maskdit_fast.data.latents verify DIR")
-                err.local = True  # found by the rank that reads this record
-                raise err
+            post, found, problem = parse_records(rows, int(s), records[where], lay, self.meta["num_classes"])
+            if problem is not None:
+                raise corrupted_record(self.files[s], int(records[where][problem[0]]), problem[1])
             posterior[where] = post
             labels[where] = found
         return posterior, labels
@@ -369,19 +449,10 @@ def sample_posterior(posterior: torch.Tensor, noise: torch.Tensor, scale: float)
 
 
 def verify(path: str | Path) -> list[str]:
-    """Check every shard of a latent folder (size and sha256); returns the problems found."""
-    problems = []
+    """Check every shard of a latent folder (:func:`shard_problem` in full); returns the problems found."""
     meta = read_meta(path)
-    layout = RecordLayout(tuple(meta["shape"]), meta["dtype"])
-    for shard in meta["shards"]:
-        file = Path(path) / shard["file"]
-        if not file.is_file():
-            problems.append(f"{file}: missing")
-        elif file.stat().st_size != layout.shard_bytes(shard["count"]):
-            problems.append(f"{file}: {file.stat().st_size} bytes, expected {layout.shard_bytes(shard['count'])}")
-        elif sha256_file(file) != shard["sha256"]:
-            problems.append(f"{file}: sha256 mismatch")
-    return problems
+    problems = [shard_problem(Path(path), meta, s, full=True) for s in range(len(meta["shards"]))]
+    return [p for p in problems if p is not None]
 
 
 def main(argv: list[str] | None = None) -> int:
