@@ -1,5 +1,6 @@
 """The DALI latent loader in DALI's CPU mode (device_id=None); skipped without nvidia-dali."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from maskdit_fast.data.latents import LatentFormatError, RecordLayout, write_meta, write_shard
 from maskdit_fast.train.trainer import train
-from tests.data.helpers import make_latent_folder
+from tests.data.helpers import CORRUPTIONS, corrupt, make_latent_folder, read_steps
 from tests.data.test_train_latents import latent_config
 from tests.helpers import assert_same_final_state, train_and_crash
 
@@ -113,19 +114,44 @@ def test_a_reader_position_for_another_setup_is_not_restored(tmp_path, caplog):
     assert "micro 4 -> 2" in caplog.text and "not exact" in caplog.text
 
 
-def test_bad_shards_are_errors_that_name_the_file(tmp_path):
-    make_latent_folder(tmp_path / "data", counts=(10, 9))
-    cfg = latent_config(tmp_path / "data", "data.loader=dali", "data.dali_threads=1", "data.shuffle_buffer=8",
-                        "train.max_steps=6")
-    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
-    shard = tmp_path / "data" / "shard-00001.tar"
-    data = bytearray(shard.read_bytes())
-    record = 4
-    start = record * meta["record_bytes"] + meta["latent_offset"]
-    data[start:start + 2] = np.array([np.nan], "<f2").tobytes()  # a NaN in record 4's mean: the sizes are intact
-    shard.write_bytes(bytes(data))
-    with pytest.raises(FloatingPointError, match="shard-00001.tar record 4"):  # DALI does not parse values
-        train(cfg, tmp_path / "run", progress=False)
-    shard.write_bytes(bytes(data[:-600]))
-    with pytest.raises(LatentFormatError, match="shard-00001.tar.*truncated"):
-        train(cfg, tmp_path / "run2", progress=False)
+@pytest.mark.parametrize("kind", CORRUPTIONS)
+def test_dali_names_the_bad_record_at_start_with_verify_else_when_read(tmp_path, kind):
+    """As the PyTorch loader (tests/data/test_latents.py): 12 records, one pass of 3 steps of 4. DALI
+    reads the members where its index points; a member of another size fails inside DALI and is
+    reported as the index entry at fault. Only the runs without verify build a pipeline."""
+    make_latent_folder(tmp_path, counts=(6, 6))
+    where = corrupt(tmp_path, kind)
+    for verify in (True, False):
+        cfg = latent_config(tmp_path, "data.loader=dali", "data.dali_threads=1", "data.shuffle_buffer=8",
+                            "train.global_batch=4", "train.micro_batch=4", f"data.verify={str(verify).lower()}")
+        with pytest.raises(LatentFormatError, match=where) as err:
+            read_steps(cfg, 3)
+        assert err.value.local or verify or kind == "truncated"  # found in this rank's reads: it prints it
+
+
+def test_dali_index_pointing_elsewhere_is_named(tmp_path):
+    """Record 4's index entry points at record 5's bytes: a plausible latent, caught by where it comes from."""
+    meta, *_ = make_latent_folder(tmp_path, counts=(6, 6))
+    index = tmp_path / "shard-00001.idx"
+    lines = index.read_text().splitlines()
+    lines[5] = lines[6].replace("00001-0000005", "00001-0000004")
+    index.write_text("\n".join(lines) + "\n")
+    cfg = latent_config(tmp_path, "data.loader=dali", "data.dali_threads=1", "data.shuffle_buffer=8",
+                        "train.global_batch=4", "train.micro_batch=4")
+    with pytest.raises(LatentFormatError, match=r"shard-00001\.idx: the entry of record 4 is corrupted"):
+        read_steps(cfg, 3)
+    read_steps(latent_config(tmp_path, "train.global_batch=4", "train.micro_batch=4"), 3)  # torch reads no index
+
+
+def test_bad_data_stops_training_with_one_message_and_exit_2(tmp_path, capsys):
+    from maskdit_fast.cli import train_main
+    from tests.test_user_errors import RUN, fails
+
+    make_latent_folder(tmp_path / "data", counts=(6, 6))
+    where = corrupt(tmp_path / "data", "label")
+    err = fails(capsys, train_main, ["--out", str(tmp_path / "run"), *RUN, "data.dataset=latents",
+                                     f"data.path={tmp_path / 'data'}", "data.loader=dali", "data.dali_threads=1",
+                                     "data.shuffle_buffer=8", "model.in_channels=4", "model.input_size=8",
+                                     "model.patch_size=2", "model.num_classes=3", "train.global_batch=4",
+                                     "train.micro_batch=4", "train.max_steps=3"], "label 7 outside 0..2")
+    assert re.search(where, err)

@@ -1,6 +1,7 @@
 """The latent shard format: round trip, layout, checksums, corruption errors, posterior noise."""
 import hashlib
 import json
+import re
 import tarfile
 
 import numpy as np
@@ -9,7 +10,8 @@ import torch
 
 from maskdit_fast.data.latents import (LatentFormatError, LatentShards, RecordLayout, main, posterior_noise,
                                        sample_posterior, verify)
-from tests.data.helpers import make_latent_folder
+from tests.data.helpers import CORRUPTIONS, corrupt, make_latent_folder, read_steps
+from tests.data.test_train_latents import latent_config
 
 
 def test_round_trip_meta_and_checksums(tmp_path):
@@ -63,7 +65,7 @@ def test_corrupted_records_are_detected(tmp_path):
     shards.read([0, 1, 2])  # the bad record is in shard 2 only
     with pytest.raises(LatentFormatError, match="shard-00002.tar: record 1"):
         shards.read([12, 13])
-    with pytest.raises(LatentFormatError, match="shard-00002.tar: sha256"):
+    with pytest.raises(LatentFormatError, match="shard-00002.tar: record 1 is corrupted .*tar header"):
         LatentShards(tmp_path, verify=True)
     # non-finite values in a record are reported too
     data = bytearray((tmp_path / "shard-00000.tar").read_bytes())
@@ -71,6 +73,35 @@ def test_corrupted_records_are_detected(tmp_path):
     (tmp_path / "shard-00000.tar").write_bytes(bytes(data))
     with pytest.raises(LatentFormatError, match="shard-00000.tar: record 2"):
         LatentShards(tmp_path).read([2])
+
+
+@pytest.mark.parametrize("kind", CORRUPTIONS)
+def test_torch_loader_names_the_bad_record_at_start_with_verify_else_when_read(tmp_path, kind):
+    """12 records, 4 per step: 3 steps read every record. A truncated shard is found at start either way."""
+    make_latent_folder(tmp_path, counts=(6, 6))
+    where = corrupt(tmp_path, kind)
+    for verify_at_start in (True, False):
+        cfg = latent_config(tmp_path, "train.global_batch=4", "train.micro_batch=4",
+                            f"data.verify={str(verify_at_start).lower()}")
+        if verify_at_start or kind == "truncated":
+            with pytest.raises(LatentFormatError, match=where):
+                LatentShards(tmp_path, verify=verify_at_start)  # what build_loader opens first
+        with pytest.raises(LatentFormatError, match=where) as err:
+            read_steps(cfg, 3)
+        assert "prepare again" in str(err.value)
+    assert re.search(where, verify(tmp_path)[0])  # the command line's check names it too
+
+
+def test_verify_finds_changed_values_by_the_checksum(tmp_path):
+    """A finite value changed: every record is well-formed, the sha256 tells."""
+    meta, *_ = make_latent_folder(tmp_path, counts=(6, 6))
+    shard = tmp_path / "shard-00001.tar"
+    data = bytearray(shard.read_bytes())
+    data[3 * meta["record_bytes"] + meta["latent_offset"]] ^= 0x01  # the lowest mantissa bit of a mean
+    shard.write_bytes(bytes(data))
+    LatentShards(tmp_path).read(np.arange(12))
+    with pytest.raises(LatentFormatError, match="shard-00001.tar: sha256 .* does not match"):
+        LatentShards(tmp_path, verify=True)
 
 
 def test_missing_or_foreign_meta(tmp_path):
