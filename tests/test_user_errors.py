@@ -152,7 +152,7 @@ def test_latent_label_out_of_range_names_the_shard_and_record(tmp_path):
     meta["num_classes"] = 2  # records labelled 2 are now out of range
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     shards = LatentShards(tmp_path)
-    with pytest.raises(LatentFormatError, match=r"shard.* record \d+ .*label outside 0..1") as err:
+    with pytest.raises(LatentFormatError, match=r"shard.* record \d+ .*label \d+ outside 0..1") as err:
         shards.read(np.arange(8))
     assert err.value.local  # printed by the rank that read it
 
