@@ -368,13 +368,18 @@ def train_loop(run: Run, out_dir: Path, env: Dist, data, precision: str, accumul
 
 
 def _roll_back(out_dir: Path, run: Run, net: nn.Module, optimizer, scaler, env: Dist) -> None:
-    """Collective: return the parameters, optimizer, EMA and RNG to the newest training state; the
-    loop goes on with the next step's batch, so the steps since that state are undone."""
+    """Collective: return the parameters, optimizer, EMA and grad scaler to the newest training state;
+    the loop goes on with the next step, so the steps since that state are undone, and the run then
+    equals one that skipped them. The data and the RNG go on: the loader is not touched (its
+    position is the step after the spike: a function of the step, or DALI's reader already there)
+    and the RNG keeps its stream (a single-stream run draws the noise and flips of a skipping run)."""
     path = latest_intact_training_state(out_dir)
     if path is None:
         log.warning("train.spike_action=rollback: no training state yet to return to; the step is skipped")
         return
+    rng, rank_key = process_state(env.device, None), f"rank{env.rank}"
     _restore(path, run, net, optimizer, scaler, env, guard=None)  # the guard keeps what it has seen
+    restore_process_state({"rng": {rank_key: rng}}, rank_key, env.device)
     log.warning("rolled back to %s after the spike", path)
 
 

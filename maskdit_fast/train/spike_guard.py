@@ -7,7 +7,8 @@ The guard keeps an exponential moving mean and variance of the step loss (decay
 statistics. ``train.spike_action`` then says what the loop does: ``log`` (warn, save the batch,
 train on it), ``skip`` (also leave the parameters untouched) or ``rollback`` (also return to the
 newest training state and go on with the batch after the spike: the steps that led to it are
-undone). ``train.spike_zscore=0`` turns the guard off. Its state is saved with each checkpoint, so a
+undone, and the run equals one that skipped them: the data order and the RNG go on, for both latent
+loaders; docs/fault-tolerance.md). ``train.spike_zscore=0`` turns the guard off. Its state is saved with each checkpoint, so a
 resumed run judges the same steps the same way.
 """
 from __future__ import annotations

@@ -89,3 +89,46 @@ def test_rollback_undoes_the_steps_since_the_newest_state(tmp_path, monkeypatch,
     assert_same(rolled, skipped)
     step = rolled["optimizer"]["state"]["model.x_embedder.proj.weight"]["step"].item()
     assert step == skipped["optimizer"]["state"]["model.x_embedder.proj.weight"]["step"].item() == 4
+
+
+def record_inputs(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (images, labels) of every edm_loss call, as the objective gets them (flipped, on the device)."""
+    real, seen = trainer_module.edm_loss, []
+
+    def recording(net, images, labels, *args, **kwargs):
+        seen.append((images.detach().clone(), labels.clone()))
+        return real(net, images, labels, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "edm_loss", recording)
+    return seen
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_after_a_rollback_the_loaders_give_the_batches_of_a_run_that_skipped_the_undone_steps(tmp_path, monkeypatch,
+                                                                                              loader):
+    """One process, one micro-batch per step (one continuous RNG stream), random flips: spike at step 5,
+    rolled back to the state of step 3; then step 6 trains on step 6's batch (the DALI reader's position
+    and the flips included) exactly as in a run whose steps 4 and 5 were skipped."""
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install -e '.[dali]')")
+    from tests.data.helpers import make_latent_folder
+    from tests.data.test_train_latents import latent_config
+
+    make_latent_folder(tmp_path / "data", counts=(6, 6))
+    cfg = [f"data.loader={loader}", "data.dali_threads=1", "data.shuffle_buffer=8", "data.flip=true",
+           "train.global_batch=4", "train.micro_batch=4", "train.max_steps=6", "train.ckpt_every=3"]
+    scale_loss(monkeypatch, {5}, 100.0)
+    rolled_inputs = record_inputs(monkeypatch)
+    train(latent_config(tmp_path / "data", *cfg, *GUARD, "train.spike_action=rollback"), tmp_path / "rolled",
+          progress=False)
+    monkeypatch.undo()
+    scale_loss(monkeypatch, {4, 5}, float("nan"))
+    skipped_inputs = record_inputs(monkeypatch)
+    train(latent_config(tmp_path / "data", *cfg, "train.nonfinite=skip"), tmp_path / "skipped", progress=False)
+    assert len(rolled_inputs) == len(skipped_inputs) == 6
+    for step, ((x, y), (x2, y2)) in enumerate(zip(rolled_inputs, skipped_inputs), 1):
+        assert torch.equal(x, x2) and torch.equal(y, y2), f"step {step}"
+    assert not torch.equal(rolled_inputs[5][0], rolled_inputs[3][0])  # step 6 is not a repeat of step 4
+    rolled, skipped = final(tmp_path / "rolled"), final(tmp_path / "skipped")
+    assert_same(rolled, skipped)
+    assert rolled["optimizer"]["state"]["model.x_embedder.proj.weight"]["step"].item() == 4
