@@ -145,7 +145,7 @@ class DataConfig:
                                        # dali (NVIDIA DALI reader; DALI's image decoder for images)
     num_workers: int = 2               # loader=torch: DataLoader worker processes (0 = read in the training process);
                                        # source=images: decoding / crop threads
-    verify: bool = False               # source=shards: check every shard's sha256 at start (reads the whole set)
+    verify: bool = False               # source=shards: check every record, sha256 and index at start (reads the whole set)
     shuffle_buffer: int = 8192         # loader=dali: samples in the reader's shuffle buffer (initial_fill)
     dali_threads: int = 4              # loader=dali: CPU threads of the pipeline
 

@@ -17,6 +17,11 @@ the ranks cross slice boundaries up to one sample apart, so an epoch may read a 
 or not at all while every ``world_size`` epochs read each sample ``world_size`` times. (The PyTorch
 loader splits each global batch instead: exact for any size and number of processes.)
 
+Checks, as the PyTorch loader's (docs/fault-tolerance.md, "Bad data"): the folder's at start
+(``LatentShards``), then per micro-batch each sample's source (file and offsets of both members, which
+only the index gives DALI), its label and finite values (a per-sample sum in the pipeline's CPU
+threads); a bad record raises ``LatentFormatError`` naming the shard and record.
+
 Resume: the pipeline's checkpoint (reader position, shuffle buffer and RNG states) is saved with
 every training state, per rank, and restored on resume, so a resumed run reads exactly the
 remaining samples. The state records what it is valid for (rank, number of processes, micro-batch,

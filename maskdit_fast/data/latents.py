@@ -44,6 +44,9 @@ records ``0..n-1`` and their horizontally flipped copies as records ``n..2n-1``.
 ``flip_copies``, ``num_classes``, ``record_bytes``, ``latent_offset``, ``latent_bytes``,
 ``label_offset``, ``shards`` (list of {``file``, ``index``, ``count``, ``first``, ``images``,
 ``bytes``, ``sha256``}), ``seed`` (of the write order). See docs/data.md.
+
+**Checks** (both loaders; docs/fault-tolerance.md, "Bad data"): :func:`shard_problem` at start (sizes
+always; with ``data.verify`` every record, the sha256 and the index), :func:`parse_records` on every read.
 """
 from __future__ import annotations
 
@@ -461,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Inspect or verify a latent folder written by maskdit_fast.data.prepare")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print meta.json without the shard list").add_argument("path")
-    sub.add_parser("verify", help="check every shard's size and sha256").add_argument("path")
+    sub.add_parser("verify", help="check every shard: size, every record, sha256, DALI index").add_argument("path")
     args = parser.parse_args(argv)
     try:
         if args.command == "info":
