@@ -136,14 +136,18 @@ def write_json(path: Path, value) -> None:
 
 def index_line(shard: int, record: int, layout: RecordLayout) -> str:
     """Record ``record``'s line of a shard's DALI index: each member's extension, offset, size, name."""
-    key, base = record_key(shard, record), record * layout.record_bytes
-    return (f"{LATENT_EXT} {base + layout.latent_offset} {layout.latent_bytes} {key}.{LATENT_EXT} "
-            f"{LABEL_EXT} {base + layout.label_offset} 4 {key}.{LABEL_EXT}")
+    return _index_lines(shard, range(record, record + 1), layout)[0]
+
+
+def _index_lines(shard: int, records: range, layout: RecordLayout) -> list[str]:
+    size, lat_at, lbl_at, step = layout.latent_bytes, layout.latent_offset, layout.label_offset, layout.record_bytes
+    return [f"{LATENT_EXT} {j * step + lat_at} {size} {shard:05d}-{j:07d}.{LATENT_EXT} "
+            f"{LABEL_EXT} {j * step + lbl_at} 4 {shard:05d}-{j:07d}.{LABEL_EXT}" for j in records]
 
 
 def index_text(shard: int, layout: RecordLayout, count: int) -> str:
     """The whole DALI index (webdataset v1.2) of a shard of ``count`` records."""
-    return "".join([f"v1.2 {count}\n", *(index_line(shard, j, layout) + "\n" for j in range(count))])
+    return "".join([f"v1.2 {count}\n", *(line + "\n" for line in _index_lines(shard, range(count), layout))])
 
 
 def write_shard(out_dir: Path, shard: int, layout: RecordLayout, posterior: np.ndarray, labels: np.ndarray,
@@ -230,6 +234,7 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
+EXPONENT_BITS = {2: 0x7C00, 4: 0x7F800000}  # IEEE binary16 / binary32 by item size
 VERIFY_CHUNK = 1024  # records per read when a whole shard is checked (17 MB at 4x32x32 fp16)
 
 
@@ -255,7 +260,9 @@ def parse_records(rows: np.ndarray, shard: int, records: np.ndarray, layout: Rec
     labels = np.ascontiguousarray(rows[:, layout.label_offset:layout.label_offset + 4]).view("<i4")[:, 0]
     checks.append(((labels < 0) | (labels >= max(num_classes, 1)),
                    lambda i: f"label {int(labels[i])} outside 0..{num_classes - 1}"))
-    checks.append((~np.isfinite(posterior.reshape(n, -1)).all(1), lambda i: "non-finite latent values"))
+    bits = posterior.reshape(n, -1).view(f"<u{dtype.itemsize}")
+    exponent = EXPONENT_BITS[dtype.itemsize]  # all ones: inf or NaN (2.5x faster than np.isfinite on fp16)
+    checks.append((((bits & exponent) == exponent).any(1), lambda i: "non-finite latent values"))
     bad = np.logical_or.reduce([b for b, _ in checks])
     if not bad.any():
         return posterior, labels, None
