@@ -38,7 +38,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .latents import LatentFormatError, RecordLayout, corrupted_record, fix_hint, index_problem
+from .latents import LatentFormatError, RecordLayout, corrupted_record, fix_hint, index_problem, record_key
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class DaliLatentLoader:
         self.vae = meta.get("vae")  # the VAE that encoded the latents
         self.first = np.concatenate([[0], np.cumsum([s["count"] for s in meta["shards"]])])
         self.layout = RecordLayout(tuple(meta["shape"]), meta["dtype"])
+        self.shard_of = {str(self.path / s["file"]): i for i, s in enumerate(meta["shards"])}  # DALI's source paths
         if meta["count"] < world_size:
             raise ValueError(f"{path}: {meta['count']} samples cannot be split over {world_size} processes")
         # what a saved reader position is valid for
@@ -147,13 +148,14 @@ class DaliLatentLoader:
         for i in range(len(lat_info)):
             (path, lat_at, key), (_, lbl_at, lbl_key) = (
                 bytes(np.asarray(info[i])).decode().rsplit(":", 2) for info in (lat_info, lbl_info))
-            shard, record = (int(part) for part in key.split(".", 1)[0].split("-"))
-            entry = self.meta["shards"][shard]
-            base = record * lay.record_bytes
-            if (path, int(lat_at), int(lbl_at), lbl_key.split(".", 1)[0]) != (
-                    str(self.path / entry["file"]), base + lay.latent_offset, base + lay.label_offset, key.split(".", 1)[0]):
-                err = LatentFormatError(f"{self.path / entry['index']}: the entry of record {record} is corrupted (it "
-                                        f"points to {path} bytes {lat_at} and {lbl_at}); "
+            shard = self.shard_of[path]
+            record, rest = divmod(int(lat_at) - lay.latent_offset, lay.record_bytes)
+            name = record_key(shard, record)
+            if (rest, key, lbl_key, int(lbl_at)) != (0, f"{name}.lat", f"{name}.lbl",
+                                                     record * lay.record_bytes + lay.label_offset):
+                entry = self.meta["shards"][shard]
+                err = LatentFormatError(f"{self.path / entry['index']}: the entry of {key} is corrupted (it points to "
+                                        f"bytes {lat_at} and {lbl_at} of {entry['file']}, where {name} is not); "
                                         f"{fix_hint(self.path / entry['file'])}")
                 err.local = True
                 raise err

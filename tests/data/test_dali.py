@@ -138,7 +138,7 @@ def test_dali_index_pointing_elsewhere_is_named(tmp_path):
     index.write_text("\n".join(lines) + "\n")
     cfg = latent_config(tmp_path, "data.loader=dali", "data.dali_threads=1", "data.shuffle_buffer=8",
                         "train.global_batch=4", "train.micro_batch=4")
-    with pytest.raises(LatentFormatError, match=r"shard-00001\.idx: the entry of record 4 is corrupted"):
+    with pytest.raises(LatentFormatError, match=r"shard-00001\.idx: the entry of 00001-0000004\.lat is corrupted"):
         read_steps(cfg, 3)
     read_steps(latent_config(tmp_path, "train.global_batch=4", "train.micro_batch=4"), 3)  # torch reads no index
 
