@@ -1,5 +1,4 @@
 """The DALI latent loader in DALI's CPU mode (device_id=None); skipped without nvidia-dali."""
-import json
 import re
 
 import numpy as np
