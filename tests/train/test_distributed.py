@@ -142,4 +142,8 @@ def test_sampling_under_torchrun_splits_the_seeds(runs, tmp_path):
     assert sample_main(["--ckpt", str(runs / "fsdp" / "ema.safetensors"), "--out", str(tmp_path), *SAMPLE]) == 0
     one = np.load(tmp_path / "samples.npz")
     two = np.load(runs / "sampled-on-2" / "samples.npz")
-    assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["labels"], two["labels"])
+    assert np.array_equal(one["labels"], two["labels"])
+    # Same seeds, same images; only the rounding to uint8 may flip where a batch of another size
+    # changes the matmul's last float bit (seen here: 1 pixel of 5120 off by one grey level on an EPYC).
+    diff = np.abs(one["arr_0"].astype(int) - two["arr_0"].astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).sum())
