@@ -20,6 +20,9 @@ setup(
         "safetensors>=0.4",
         "tqdm",
         "pillow",
+        # the kernels' language (its interpreter runs them on a CPU); wheels exist for these platforms only,
+        # elsewhere every op runs its PyTorch reference (docs/install.md)
+        "triton>=3.0; platform_system == 'Linux' and (platform_machine == 'x86_64' or platform_machine == 'aarch64')",
     ],
     extras_require={
         # diffusers (a tiny random AutoencoderKL) and DALI (CPU mode) run in the data tests; DALI ships

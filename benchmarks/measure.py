@@ -193,10 +193,13 @@ def machine(device: torch.device) -> dict:
 
 
 def versions() -> dict:
-    import numpy
-    import triton
+    """Versions of what a benchmark ran on (``triton``: None where it does not import: references only)."""
+    import importlib.metadata
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
+    import numpy
+
+    triton = importlib.metadata.version("triton") if kernels.triton_available() else None
+    return {"python": platform.python_version(), "torch": torch.__version__, "triton": triton,
             "cuda": torch.version.cuda, "numpy": numpy.__version__,
             "attention_backends": kernels.available_attention_backends()}
 

@@ -24,9 +24,8 @@ from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
-import triton
-import triton.language as tl
-from triton.runtime.jit import JITFunction
+
+from ._triton import jit, tl, triton
 
 _MAX_ROWS = 64
 
@@ -116,7 +115,7 @@ def resident_blocks(kernel, args: tuple, kwargs: dict, device: torch.device) -> 
     Read from the compiled binary (``warmup`` compiles without launching; the static report
     answers it for its simulated GPU), cached per kernel, constexprs and dtypes.
     """
-    if not isinstance(kernel, JITFunction) or (device.type != "cuda" and _simulated is None):
+    if not isinstance(kernel, triton.runtime.jit.JITFunction) or (device.type != "cuda" and _simulated is None):
         return _INTERPRETER_BLOCKS
     gpu = gpu_limits(device)
     key = (kernel, gpu, tuple(sorted(kwargs.items())),
@@ -177,7 +176,7 @@ def launch_over_rows(kernel, batch: int, rows: int, step: int, device: torch.dev
     return partial
 
 
-@triton.jit
+@jit
 def _sum_partials_kernel(PARTIAL, OUT, C, D, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     # PARTIAL: (B, C, D) float32 -> OUT: (B, D), summed over C in a fixed order, stored in OUT's dtype.
     # A small second pass (the partials are < 7% of the backward's bytes): its occupancy does not matter.

@@ -15,15 +15,14 @@ sequence for dgate/dshift/dscale go through per-chunk partials and a fixed-order
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from . import reference
 from ._backend import use_triton
 from ._common import col_tiles, launch_over_rows, row_tiles, sum_partials
+from ._triton import jit, tl
 
 
-@triton.jit(do_not_specialize=["rows_per_chunk"])
+@jit(do_not_specialize=["rows_per_chunk"])
 def _adaln_fwd_kernel(
     X, GATE, Y, SHIFT, SCALE,  # inputs: (N, L, D), (N|1, D), (N, L, D), (N|1, D), (N|1, D)
     R, OUT, MEAN, RSTD,  # outputs: residual (N, L, D), normed (N, L, D), mean/rstd (N*L,) float32
@@ -88,7 +87,7 @@ def _adaln_fwd_kernel(
             tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["rows_per_chunk"])
+@jit(do_not_specialize=["rows_per_chunk"])
 def _adaln_bwd_kernel(
     DR, DOUT, XR, Y, GATE, SCALE, MEAN, RSTD,  # grads of (residual, normed); saved tensors
     DX, DY, PARTIAL,  # outputs: (N, L, D), (N, L, D), float32 (P, N, C, D) partial sums

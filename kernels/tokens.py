@@ -16,15 +16,14 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
-import triton.language as tl
 
 from . import reference
 from ._backend import use_triton
 from ._common import launch_over_rows, row_tiles, sum_partials
+from ._triton import jit, tl
 
 
-@triton.jit(do_not_specialize=["rows_per_chunk"])
+@jit(do_not_specialize=["rows_per_chunk"])
 def _gather_kernel(
     X, IDS, POS, OUT,  # (N, L, D) with unit column stride, (N, K) int64, (L, D), (N, K, D)
     K, D, rows_per_chunk, stride_xn, stride_xl,
@@ -58,7 +57,7 @@ def _gather_kernel(
             tl.store(OUT + dst[:, None] + ce[None, :], ve.to(OUT.dtype.element_ty), mask=me)
 
 
-@triton.jit(do_not_specialize=["rows_per_chunk"])
+@jit(do_not_specialize=["rows_per_chunk"])
 def _scatter_kernel(
     X, INV, FILL, POS, OUT,  # (N, K, D), (N, L) int32, (D,), (L, D), (N, L, D)
     L, K, D, rows_per_chunk,
@@ -99,7 +98,7 @@ def _scatter_kernel(
             tl.store(OUT + dst[:, None] + ce[None, :], ve.to(OUT.dtype.element_ty), mask=me)
 
 
-@triton.jit(do_not_specialize=["rows_per_chunk"])
+@jit(do_not_specialize=["rows_per_chunk"])
 def _scatter_bwd_kernel(
     DOUT, INV, DX, PARTIAL,  # (N, L, D), (N, L) int32, (N, K, D), float32 (N, C, D)
     L, K, D, rows_per_chunk,

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ModelConfig, RouterConfig
+import kernels
+
+from ..config import ConfigError, ModelConfig, RouterConfig
 from ..models import DiT, build_model
 from ..models.dydit import DyDiT, DyMaskDiT
 from .ddpm_precond import DDPMPrecond
@@ -61,10 +63,22 @@ class EDMPrecond(Denoiser):
         return c_skip * x + c_out * out
 
 
+def check_kernels() -> None:
+    """The kernel backend in force, checked before any work: forced Triton kernels (``model.kernels=triton``
+    or ``MASKDIT_KERNELS=triton``) where Triton does not import are a :class:`~maskdit_fast.config.ConfigError`;
+    under ``auto`` without Triton, the one notice that the PyTorch references run."""
+    try:
+        kernels.check_backend()
+    except kernels.TritonUnavailable as err:
+        raise ConfigError(str(err)) from None
+
+
 def build_net(cfg: ModelConfig, router: RouterConfig | None = None) -> Denoiser:
     """A freshly initialised network for ``cfg`` behind the EDM denoiser interface: DiT / MaskDiT, or
     with ``router`` the DyDiT version of it (weights random, routers all on); an :class:`EDMPrecond`,
-    or for ``model.diffusion=ddpm`` a :class:`~maskdit_fast.diffusion.ddpm_precond.DDPMPrecond`."""
+    or for ``model.diffusion=ddpm`` a :class:`~maskdit_fast.diffusion.ddpm_precond.DDPMPrecond`. Checks the
+    kernel backend first (:func:`check_kernels`)."""
+    check_kernels()
     model = build_model(cfg) if router is None else (DyMaskDiT if cfg.arch == "maskdit" else DyDiT)(cfg, router)
     if cfg.diffusion == "ddpm":
         return DDPMPrecond(model)

@@ -23,7 +23,7 @@ from ..checkpoint import check_weights_fit, ema_metadata, load_checkpoint, save_
 from ..config import Config, ConfigError, config_to_dict
 from ..data.loader import build_loader
 from ..data.sampler import split_global_batch
-from ..diffusion.edm import build_net
+from ..diffusion.edm import build_net, check_kernels
 from ..diffusion.ddpm_loss import ddpm_loss
 from ..diffusion.loss import edm_loss
 from ..dist import Dist, processes, select_device
@@ -93,6 +93,7 @@ def _train(cfg: Config, out_dir: Path, env: Dist, lock: RunLock, resume: bool, i
         raise ConfigError("train.fsdp_cpu_offload: offloads GPU memory, but this run is on the CPU")
     if cfg.model.kernels != "auto":
         kernels.set_backend(cfg.model.kernels)
+    check_kernels()  # forced Triton kernels without Triton: a user error before data or model are built
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.tf32
     torch.manual_seed(t.seed)  # the same initial weights on every rank
