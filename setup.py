@@ -28,8 +28,11 @@ setup(
         # diffusers (a tiny random AutoencoderKL) and DALI (CPU mode) run in the data tests; DALI ships
         # Linux x86_64 wheels only, elsewhere those tests are skipped
         "test": ["pytest>=7", "pytest-benchmark>=4", "scipy", "matplotlib", "diffusers>=0.25",
+                 "tensorboard", "wandb",
                  "nvidia-dali-cuda120>=2.0; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "triton": ["triton>=3.0"],
+        "tensorboard": ["tensorboard"],  # train.loggers=[...,tensorboard] (docs/logging.md)
+        "wandb": ["wandb"],              # train.loggers=[...,wandb]
         "vae": ["diffusers>=0.25", "transformers", "accelerate"],
         "dali": ["nvidia-dali-cuda120>=2.0"],
         "flash": ["flash-attn>=2.5"],

@@ -215,6 +215,9 @@ class TrainConfig:
     spike_decay: float = 0.99          # decay of the running mean / variance of the loss
     spike_action: str = "log"          # log (and save the batch) | skip the step | rollback to the newest
                                        # training state and go on after the spike (see train/spike_guard.py)
+    loggers: list[str] = field(default_factory=lambda: ["jsonl", "progress"])  # + tensorboard | wandb (docs/logging.md)
+    wandb_project: str = "maskdit_fast"
+    wandb_entity: Optional[str] = None # None: wandb's default entity
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "global_batch", "log_every", "sample_every", "ckpt_every", "ddp_bucket_mb"):
@@ -246,6 +249,8 @@ class TrainConfig:
         _require(self.spike_warmup >= 0, "train.spike_warmup", "must be >= 0")
         _require(0 < self.spike_decay < 1, "train.spike_decay", "must be in (0, 1)")
         _one_of(self.spike_action, "train.spike_action", ("log", "skip", "rollback"))
+        for name in self.loggers:
+            _one_of(name, "train.loggers", ("jsonl", "progress", "tensorboard", "wandb"))
 
 
 SOLVERS = ("heun", "euler", "ddpm", "ddim")

@@ -21,7 +21,7 @@ everything random must draw from the global RNG (checkpointed for exact resume).
 ``step_values(step) -> dict`` (optional) adds per-step values to the log row (MaskDiT's mask ratio,
 DyDiT's lambda); ``export(step, ema_weights)`` writes the sampling checkpoint on rank 0;
 ``sample(step, ema_net)`` (optional) writes a sample grid on rank 0 every ``train.sample_every``
-steps and at the end.
+steps and at the end, and returns its path (None: none written), which goes to ``train.loggers``.
 """
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ from ..storage import (latest_intact_training_state, latest_training_state, load
                        process_state_to_load, read_meta, remove_leftovers, restore_process_state, save_training_state,
                        set_training_state)
 from .ema import EMA
+from .loggers import Loggers, require_packages
 from .parallel import clip_grad_norm, gradient_sync, parallelize
 from .resume_config import check_resumable
 from .run_lock import RunLock
@@ -125,23 +126,6 @@ def check_run_dir(out_dir: Path, resume: bool, lock: RunLock) -> Path | None:
     return latest_intact_training_state(out_dir) if resume and state_path is not None else state_path
 
 
-def trim_metrics(path: Path, step: int) -> None:
-    """Drop the rows of a ``metrics.jsonl`` logged after ``step``: on resume from the checkpoint of
-    ``step`` those steps run again and log again. Rows that are not complete JSON (a crash mid-write)
-    are dropped too."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("step", 0) <= step:
-            kept.append(line + "\n")
-    atomic_write(path, lambda tmp: tmp.write_text("".join(kept)))
-
-
 def _ema_for_sampling(ema: EMA, env: Dist, build: Callable[[], nn.Module]) -> tuple[nn.Module | None, dict | None]:
     """Collective under FSDP: (EMA network, its weights) on rank 0 as a plain module; (None, None)
     elsewhere. Sharded EMA weights are gathered here, at sample/checkpoint time only."""
@@ -195,7 +179,7 @@ class Run:
     export: Callable[[int, dict], None]
     build: Callable[[], nn.Module]
     step_values: Callable[[int], dict[str, float]] = lambda step: {}
-    sample: Callable[[int, nn.Module], None] | None = None
+    sample: Callable[[int, nn.Module], Path | None] | None = None
     desc: str = "train"
     after_step: Callable[[int, nn.Module], bool] | None = None
 
@@ -229,6 +213,7 @@ def train_loop(run: Run, out_dir: Path, env: Dist, data, precision: str, accumul
     step-indexed loader (:mod:`maskdit_fast.data.loader`), ``accumulation`` micro-batches per step and
     process; ``precision`` resolved (bf16 | fp16 | fp32)."""
     cfg, t, device = run.cfg, run.cfg.train, env.device
+    require_packages(t.loggers)  # before anything is built or written
     split = env.world_size * accumulation > 1  # else: one continuous RNG stream, as in a plain run
     raw, ema = run.raw, run.ema
     net = parallelize(raw, ema.model, cfg, precision, device, env.world_size, accumulation)
@@ -247,11 +232,9 @@ def train_loop(run: Run, out_dir: Path, env: Dist, data, precision: str, accumul
     data.start(start, t.max_steps, loader_state)
     lock.acquire(create=True)  # the inputs checked out: the run folder is made (and owned) only now
 
-    metrics_file = None
     if env.is_main:
         (out_dir / CONFIG_FILE).write_text(json.dumps(run.run_config, indent=2))
-        trim_metrics(out_dir / "metrics.jsonl", start)  # rows past the training state are logged again
-        metrics_file = (out_dir / "metrics.jsonl").open("a")
+    loggers = Loggers.open(t.loggers, out_dir, start, run.run_config, t.wandb_project, t.wandb_entity, env.is_main)
 
     def checkpoint(step: int, ema_weights: dict | None) -> None:
         model_sd, optim_sd = get_state_dict(net, optimizer)
@@ -267,8 +250,8 @@ def train_loop(run: Run, out_dir: Path, env: Dist, data, precision: str, accumul
     sums: dict[str, torch.Tensor] = {}  # metrics since the last log line (finite steps only)
     grad_norms = torch.zeros((), device=device)
     window_start, window_steps, window_skipped, skipped = time.perf_counter(), 0, 0, 0
-    bar = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, disable=not (progress and env.is_main),
-               desc=run.desc, dynamic_ncols=True)
+    bar = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, desc=run.desc, dynamic_ncols=True,
+               disable=not (progress and "progress" in t.loggers and env.is_main))
     for step in bar:
         done = step + 1
         lr = learning_rate(cfg, step)
@@ -341,9 +324,7 @@ def train_loop(run: Run, out_dir: Path, env: Dist, data, precision: str, accumul
                 record["grad_norm"] = grad_norms.item() / finite_steps  # global norm before clipping
             if t.nonfinite == "skip" or t.spike_zscore > 0:
                 record["skipped"] = skipped
-            if metrics_file is not None:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+            loggers.log(record)
             bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
             sums = {}
             grad_norms.zero_()
@@ -354,16 +335,18 @@ def train_loop(run: Run, out_dir: Path, env: Dist, data, precision: str, accumul
         if sample_now or ckpt_now:
             ema_net, ema_weights = _ema_for_sampling(ema, env, run.build)
             if sample_now and env.is_main:
-                run.sample(done, ema_net)
+                grid = run.sample(done, ema_net)
+                if grid is not None:
+                    loggers.image("samples", grid, done)
             if ckpt_now:
+                loggers.flush()  # what was logged up to this state survives a crash after it
                 checkpoint(done, ema_weights)
             barrier()
         stop = run.after_step is not None and run.after_step(done, ema.model)
         window_start += time.perf_counter() - paused
         if stop:
             break
-    if metrics_file is not None:
-        metrics_file.close()
+    loggers.close()
     data.close()
 
 

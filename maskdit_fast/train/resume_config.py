@@ -16,7 +16,7 @@ RESUMABLE_CHANGES = frozenset({
     "train.parallel", "train.micro_batch", "train.device", "train.activation_checkpointing", "train.compile",
     "train.ddp_bucket_mb", "train.fsdp_cpu_offload", "data.num_workers", "data.verify", "data.dali_threads",
     "train.nonfinite", "train.spike_zscore", "train.spike_min_ratio", "train.spike_warmup", "train.spike_decay",
-    "train.spike_action",
+    "train.spike_action", "train.loggers",
 })
 
 

@@ -52,6 +52,11 @@ def maskdit_objective(cfg: Config, mask_ratio: Callable[[int], float]) -> LossFn
     return loss_fn
 
 
+def _sample_grid(cfg: Config, ema_net: torch.nn.Module, path: Path, progress: bool) -> Path | None:
+    """The sample grid at ``path``; its path if written (see :func:`write_sample_grid`)."""
+    return path if write_sample_grid(cfg, ema_net, path, progress=progress) else None
+
+
 def _initialise_from(path: str, net, ema: EMA) -> None:
     """Unmasked fine-tune start: weights from a pretrained checkpoint (model + EMA of a training
     state, or the EMA weights of a safetensors file for both)."""
@@ -127,8 +132,8 @@ def _train(cfg: Config, out_dir: Path, env: Dist, lock: RunLock, resume: bool, i
                                                       ema_metadata(run_config, step)),
         build=lambda: build_net(cfg.model),
         step_values=lambda step: {"mask_ratio": mask_ratio(step)},
-        sample=lambda step, ema_net: write_sample_grid(cfg, ema_net, out_dir / "samples" / f"step-{step:07d}.png",
-                                                       progress=progress and step == t.max_steps),  # the last: a bar
+        sample=lambda step, ema_net: _sample_grid(cfg, ema_net, out_dir / "samples" / f"step-{step:07d}.png",
+                                                  progress and step == t.max_steps),  # the last: a bar
         after_step=None if step_hook is None else after_step,
     )
     train_loop(run, out_dir, env, data, precision, accumulation, state_path, lock, progress)
