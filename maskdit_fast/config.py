@@ -8,6 +8,7 @@ the wrong type and values out of range raise :class:`ConfigError` naming the key
 from __future__ import annotations
 
 import dataclasses
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,6 +216,9 @@ class TrainConfig:
     spike_decay: float = 0.99          # decay of the running mean / variance of the loss
     spike_action: str = "log"          # log (and save the batch) | skip the step | rollback to the newest
                                        # training state and go on after the spike (see train/spike_guard.py)
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # save the state at
+                                       # the next step and exit 75 (docs/fault-tolerance.md); [] = default actions
+    collective_timeout_s: float = 600.0  # several processes: a rank without progress this long stops the run
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "global_batch", "log_every", "sample_every", "ckpt_every", "ddp_bucket_mb"):
@@ -246,6 +250,11 @@ class TrainConfig:
         _require(self.spike_warmup >= 0, "train.spike_warmup", "must be >= 0")
         _require(0 < self.spike_decay < 1, "train.spike_decay", "must be in (0, 1)")
         _one_of(self.spike_action, "train.spike_action", ("log", "skip", "rollback"))
+        for name in self.preempt_signals:
+            full = name.upper() if name.upper().startswith("SIG") else f"SIG{name.upper()}"
+            _require(hasattr(signal.Signals, full) and full not in ("SIGKILL", "SIGSTOP"), "train.preempt_signals",
+                     f"{name!r} is not a signal a process can catch (e.g. SIGTERM, SIGUSR1, SIGINT)")
+        _require(self.collective_timeout_s > 0, "train.collective_timeout_s", "must be positive (seconds)")
 
 
 SOLVERS = ("heun", "euler", "ddpm", "ddim")
