@@ -25,15 +25,19 @@ import torch.distributed as dist
 from ..dist import Dist
 
 STALLED_EXIT = 124  # as timeout(1): a rank stopped answering for train.collective_timeout_s
+# where a rank that waits for the others is: collectives, DDP's buffer broadcast, the backward pass's all-reduce
+WAITING_IN = ("/torch/distributed/", "/torch/nn/parallel/", "/torch/autograd/")
 
 
-def _main_thread_location() -> str:
-    """Where the main thread's Python code is (innermost frame), for the report."""
+def _main_thread_location() -> tuple[str, bool]:
+    """Where the main thread's Python code is (innermost frame), and whether that is inside torch's
+    communication (waiting for the other ranks), for the report."""
     frame = sys._current_frames().get(threading.main_thread().ident)
     if frame is None:
-        return "unknown"
+        return "unknown", False
     code = frame.f_code
-    return f"{Path(code.co_filename).name}:{frame.f_lineno} in {code.co_name}"
+    path = Path(code.co_filename).as_posix()
+    return f"{Path(path).name}:{frame.f_lineno} in {code.co_name}", any(part in path for part in WAITING_IN)
 
 
 class Watchdog:
@@ -72,8 +76,9 @@ class Watchdog:
         step, seq, phase, since = self._mark
         rank, world = self.env.rank, self.env.world_size
         store = dist.PrefixStore("maskdit/stalled/", dist.distributed_c10d._get_default_store())
-        mine = {"step": step, "seq": seq, "phase": phase, "idle_s": time.monotonic() - since,
-                "where": _main_thread_location()}
+        where, waiting = _main_thread_location()
+        mine = {"step": step, "seq": seq, "phase": phase, "idle_s": time.monotonic() - since, "where": where,
+                "waiting": waiting}
         keys = [str(r) for r in range(world)]
         marks = {}
         try:
@@ -96,11 +101,16 @@ class Watchdog:
 
 def describe_stall(marks: dict[int, dict], world_size: int, timeout_s: float) -> tuple[str, list[int]]:
     """The message for a stall from each answering rank's mark (``step``, ``seq``, ``phase``,
-    ``idle_s``, ``where``), and the ranks to blame: those that did not answer or are behind the rest."""
+    ``idle_s``, ``where``, ``waiting``), and the ranks to blame: those that did not answer, those behind
+    the rest, or else, of ranks at the same point, those not waiting in torch's communication while
+    another one is."""
     missing = [r for r in range(world_size) if r not in marks]
     top = max(m["seq"] for m in marks.values())
     behind = sorted(r for r, m in marks.items() if m["seq"] < top)
-    ahead = next(m for m in marks.values() if m["seq"] == top)
+    if not behind and any(m.get("waiting") for m in marks.values()):
+        behind = sorted(r for r, m in marks.items() if not m.get("waiting"))
+    waiters = [m for r, m in marks.items() if r not in behind]
+    ahead = next((m for m in waiters if m.get("waiting")), waiters[0] if waiters else marks[min(marks)])
     parts = [f"rank {r} stopped answering in step {marks[r]['step']} ({marks[r]['phase']}, no progress for "
              f"{marks[r]['idle_s']:.0f} s, at {marks[r]['where']})" for r in behind]
     parts += [f"rank {r} did not answer at all (its process is frozen or gone)" for r in missing]
