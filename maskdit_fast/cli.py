@@ -39,21 +39,31 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .train.preemption import PREEMPTED_EXIT, Preempted, stop_signals
     from .train.trainer import train
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
-    final = train(cfg, out, resume=args.resume, init_from=args.init_from, progress=not args.no_progress)
-    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun rank 0 reports
-        return 0
-    print(f"EMA weights: {final}\nsamples: {out / 'samples'}\nmetrics: {out / 'metrics.jsonl'}")
-    if cfg.data.dataset == "mnist" and cfg.model.num_classes == 10 and args.eval_samples > 0:
-        print(f"quality check: sampling {args.eval_samples} digits (--eval-samples 0 skips it)", flush=True)
-        report = mnist_quality(final, cfg, args.eval_samples)
-        (out / "mnist_quality.json").write_text(json.dumps(report, indent=2))
-        print(f"MNIST quality of {report['n']} EMA samples (guidance {report['cfg_scale']}, "
-              f"{report['num_steps']} {report['solver']} steps): classifier accuracy {report['accuracy']:.1%}, "
-              f"classifier-feature Fréchet distance {report['frechet']:.1f} (real held-out digits: about 12)")
+    with stop_signals(cfg.train.preempt_signals) as stop:  # also around the quality check: the signal cuts it short
+        try:
+            final = train(cfg, out, resume=args.resume, init_from=args.init_from, progress=not args.no_progress)
+        except Preempted:
+            return PREEMPTED_EXIT  # the loop said so on rank 0: the step and its saved state
+        if int(os.environ.get("RANK", 0)) != 0:  # under torchrun rank 0 reports
+            return 0
+        print(f"EMA weights: {final}\nsamples: {out / 'samples'}\nmetrics: {out / 'metrics.jsonl'}")
+        if cfg.data.dataset == "mnist" and cfg.model.num_classes == 10 and args.eval_samples > 0:
+            print(f"quality check: sampling {args.eval_samples} digits (--eval-samples 0 skips it)", flush=True)
+            report = {}
+            if stop.cut_short(lambda: report.update(mnist_quality(final, cfg, args.eval_samples))):
+                print(f"preempted ({stop.received.name}) during the quality check, after training ended at step "
+                      f"{cfg.train.max_steps}: its training state is saved; --resume runs the check again "
+                      f"(exit status {PREEMPTED_EXIT})", flush=True)
+                return PREEMPTED_EXIT
+            (out / "mnist_quality.json").write_text(json.dumps(report, indent=2))
+            print(f"MNIST quality of {report['n']} EMA samples (guidance {report['cfg_scale']}, "
+                  f"{report['num_steps']} {report['solver']} steps): classifier accuracy {report['accuracy']:.1%}, "
+                  f"classifier-feature Fréchet distance {report['frechet']:.1f} (real held-out digits: about 12)")
     return 0
 
 

@@ -8,6 +8,7 @@ the wrong type and values out of range raise :class:`ConfigError` naming the key
 from __future__ import annotations
 
 import dataclasses
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,6 +219,9 @@ class TrainConfig:
     loggers: list[str] = field(default_factory=lambda: ["jsonl", "progress"])  # + tensorboard | wandb (docs/logging.md)
     wandb_project: str = "maskdit_fast"
     wandb_entity: Optional[str] = None # None: wandb's default entity
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # save the state at
+                                       # the next step and exit 75 (docs/fault-tolerance.md); [] = default actions
+    collective_timeout_s: float = 600.0  # several processes: a rank without progress this long stops the run
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "global_batch", "log_every", "sample_every", "ckpt_every", "ddp_bucket_mb"):
@@ -251,6 +255,11 @@ class TrainConfig:
         _one_of(self.spike_action, "train.spike_action", ("log", "skip", "rollback"))
         for name in self.loggers:
             _one_of(name, "train.loggers", ("jsonl", "progress", "tensorboard", "wandb"))
+        for name in self.preempt_signals:
+            full = name.upper() if name.upper().startswith("SIG") else f"SIG{name.upper()}"
+            _require(hasattr(signal.Signals, full) and full not in ("SIGKILL", "SIGSTOP"), "train.preempt_signals",
+                     f"{name!r} is not a signal a process can catch (e.g. SIGTERM, SIGUSR1, SIGINT)")
+        _require(self.collective_timeout_s > 0, "train.collective_timeout_s", "must be positive (seconds)")
 
 
 SOLVERS = ("heun", "euler", "ddpm", "ddim")

@@ -6,11 +6,14 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from .config import ConfigError
+
+BACKSTOP_S = 60.0  # the process group's timeout exceeds train.collective_timeout_s by this: the loop's watchdog reports first
 
 
 @dataclass(frozen=True)
@@ -44,10 +47,12 @@ def select_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
-def init_distributed(device_name: str) -> tuple[Dist, bool]:
+def init_distributed(device_name: str, timeout_s: float | None = None) -> tuple[Dist, bool]:
     """Join (or create) the default process group. Returns (this process, whether we created the
     group, so the caller destroys it). Under torchrun the group spans its processes; in a plain
-    ``python`` launch it is a group of one (in-memory store), so ddp/fsdp also run in one process."""
+    ``python`` launch it is a group of one (in-memory store), so ddp/fsdp also run in one process.
+    ``timeout_s`` (``train.collective_timeout_s``): a collective that waits longer fails (gloo raises,
+    NCCL's watchdog aborts), :data:`BACKSTOP_S` later than the training loop's own watchdog reports."""
     rank, world_size, local_rank = env_ranks()
     device = select_device(device_name, local_rank)
     if dist.is_initialized():
@@ -55,10 +60,11 @@ def init_distributed(device_name: str) -> tuple[Dist, bool]:
     # CUDA tensors go through NCCL; CPU tensors (checkpoint metadata, CPU offload) through gloo.
     backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
     device_id = device if device.type == "cuda" else None
+    timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s + BACKSTOP_S)}
     if "RANK" in os.environ:
-        dist.init_process_group(backend, device_id=device_id)
+        dist.init_process_group(backend, device_id=device_id, **timeout)
     else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id, **timeout)
     return Dist(dist.get_rank(), dist.get_world_size(), device), True
 
 
@@ -76,13 +82,22 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Collective: whether ``flag`` is set on any process (``flag`` itself without a process group)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    x = torch.full((1,), float(flag), device=device)
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return bool(x.item() > 0)
+
+
 @contextmanager
-def processes(parallel: str, device_name: str, choices: str = "") -> Iterator[Dist]:
+def processes(parallel: str, device_name: str, choices: str = "", timeout_s: float | None = None) -> Iterator[Dist]:
     """This process of a run with ``train.parallel=parallel``. ``none``: one plain process (a
     torchrun launch of several is refused, naming ``choices``, the parallel modes the run takes);
     ``auto`` (sampling): the process group when torchrun launched several processes or one exists,
     else one plain process; otherwise the default process group, joined or created, and destroyed
-    on exit if created here."""
+    on exit if created here (``timeout_s``: its collectives' timeout, see :func:`init_distributed`)."""
     if parallel == "auto":
         parallel = "join" if env_ranks()[1] > 1 or dist.is_initialized() else "none"
     if parallel == "none":
@@ -92,7 +107,7 @@ def processes(parallel: str, device_name: str, choices: str = "") -> Iterator[Di
                               f"set {choices}")
         yield Dist(0, 1, select_device(device_name))
         return
-    env, created = init_distributed(device_name)
+    env, created = init_distributed(device_name, timeout_s)
     try:
         yield env
     finally:

@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _finetune(args: argparse.Namespace, ft: ArgumentParser) -> int:
+    from ..train.preemption import PREEMPTED_EXIT, Preempted
     from .checkpoint import is_dydit
     from .config import load_dydit_config
     from .finetune import finetune
@@ -44,7 +45,10 @@ def _finetune(args: argparse.Namespace, ft: ArgumentParser) -> int:
     if is_dydit(args.init):
         ft.error(f"--init {args.init} is already a DyDiT; fine-tune from its base model (the checkpoint that was "
                  "its --init) with another dydit.target")
-    final = finetune(cfg, args.init, args.out, progress=not args.no_progress, resume=args.resume)
+    try:
+        final = finetune(cfg, args.init, args.out, progress=not args.no_progress, resume=args.resume)
+    except Preempted:
+        return PREEMPTED_EXIT  # rank 0 has said where it stopped and what is saved
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun rank 0 reports
         return 0
     samples = Path(args.out) / "samples"

@@ -40,11 +40,12 @@ from ..diffusion.denoiser import Denoiser
 from ..diffusion.edm import build_net
 from ..diffusion.loss import edm_weight, sample_sigma
 from ..diffusion.samplers import edm_time_steps
-from ..dist import Dist, barrier, processes
+from ..dist import Dist, any_rank, processes
 from ..generate import generate, seed_labels, write_sample_grid
 from ..models.precision import resolve_precision
 from ..train.ema import EMA
 from ..train.loop import LossFn, MicroBatch, Run, check_run_dir, replace_data_vae, train_loop
+from ..train.preemption import PREEMPTED_EXIT, Preempted, resume_after_restart, stop_signals
 from ..train.run_lock import RunLock
 from .checkpoint import save_dydit
 from .config import DyDiTConfig, DyDiTRunConfig
@@ -169,7 +170,9 @@ def finetune(cfg: DyDiTRunConfig, init: str | Path, out_dir: str | Path, progres
     if t.parallel == "fsdp":
         raise ConfigError("train.parallel: fsdp is not supported by the DyDiT fine-tune; use ddp (the routers and "
                           "the EMA are small, DDP keeps a full copy of the network per GPU)")
-    with processes(t.parallel, t.device, "train.parallel=ddp") as env, RunLock(Path(out_dir), env.is_main) as lock:
+    with processes(t.parallel, t.device, "train.parallel=ddp", t.collective_timeout_s) as env, \
+            RunLock(Path(out_dir), env.is_main) as lock, stop_signals(t.preempt_signals):
+        resume = resume_after_restart(Path(out_dir), resume)
         return _finetune(cfg, Path(init), Path(out_dir), env, lock, progress, resume)
 
 
@@ -218,9 +221,15 @@ def _finetune(cfg: DyDiTRunConfig, init: Path, out_dir: Path, env: Dist, lock: R
         desc="dydit",
     )
     train_loop(run, out_dir, env, data, precision, accumulation, state_path, lock, progress)
-    if env.is_main:
-        _final_samples(cfg, ema.model.eval(), out_dir)
-    barrier()
+    with stop_signals(t.preempt_signals) as stop:
+        if env.is_main:
+            stop.cut_short(lambda: _final_samples(cfg, ema.model.eval(), out_dir))
+        if any_rank(stop.requested, device):  # (in place of a barrier) every rank exits alike
+            message = (f"preempted during the final samples; the training state of step {t.max_steps} is saved: "
+                       f"--resume samples again (exit status {PREEMPTED_EXIT})")
+            if env.is_main:
+                log.warning("%s", message)
+            raise Preempted(message, t.max_steps)
     return out_dir / "ema.safetensors"
 
 

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from ..config import Config
 from ..data.sampler import micro_batch_seed
-from ..dist import Dist, all_reduce_mean, barrier
+from ..dist import Dist, all_reduce_mean, any_rank
 from ..errors import NonFiniteLoss, UserError
 from ..files import atomic_write
 from ..models.precision import autocast_for
@@ -54,9 +54,11 @@ from ..storage import (latest_intact_training_state, latest_training_state, load
 from .ema import EMA
 from .loggers import Loggers, require_packages
 from .parallel import clip_grad_norm, gradient_sync, parallelize
+from .preemption import PREEMPTED_EXIT, Preempted, StopSignals, stop_signals
 from .resume_config import check_resumable
 from .run_lock import RunLock
 from .spike_guard import SpikeGuard
+from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +213,15 @@ def train_loop(run: Run, out_dir: Path, env: Dist, data, precision: str, accumul
     """Collective: train ``run`` from its newest state ``state_path`` (None: from scratch) to
     ``train.max_steps`` in ``out_dir`` (``lock``: its lock, from :func:`check_run_dir`). ``data``: the
     step-indexed loader (:mod:`maskdit_fast.data.loader`), ``accumulation`` micro-batches per step and
-    process; ``precision`` resolved (bf16 | fp16 | fp32)."""
+    process; ``precision`` resolved (bf16 | fp16 | fp32). A stop signal (``train.preempt_signals``)
+    saves the state of the step it arrives in and raises :class:`Preempted`; with several processes a
+    rank without progress for ``train.collective_timeout_s`` stops the run (:mod:`.watchdog`)."""
+    with stop_signals(run.cfg.train.preempt_signals) as stop, Watchdog(env, run.cfg.train.collective_timeout_s) as watch:
+        _train_steps(run, out_dir, env, data, precision, accumulation, state_path, lock, progress, stop, watch)
+
+
+def _train_steps(run: Run, out_dir: Path, env: Dist, data, precision: str, accumulation: int, state_path: Path | None,
+                 lock: RunLock, progress: bool, stop: StopSignals, watch: Watchdog) -> None:
     cfg, t, device = run.cfg, run.cfg.train, env.device
     require_packages(t.loggers)  # before anything is built or written
     split = env.world_size * accumulation > 1  # else: one continuous RNG stream, as in a plain run
@@ -252,6 +262,7 @@ def train_loop(run: Run, out_dir: Path, env: Dist, data, precision: str, accumul
     window_start, window_steps, window_skipped, skipped = time.perf_counter(), 0, 0, 0
     bar = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, desc=run.desc, dynamic_ncols=True,
                disable=not (progress and "progress" in t.loggers and env.is_main))
+    preempted_at = None
     for step in bar:
         done = step + 1
         lr = learning_rate(cfg, step)
@@ -259,18 +270,26 @@ def train_loop(run: Run, out_dir: Path, env: Dist, data, precision: str, accumul
             group["lr"] = lr * group["lr_scale"]
         step_metrics: dict[str, torch.Tensor] = {}
         batches = []  # this rank's micro-batches, saved if the loss is not finite
+        watch.mark(done, "reading its batch")
         for a, (j, idx, x, y) in enumerate(data.step(step)):
             x, y = prepare_micro_batch(cfg, data, step, j, x, y, split)
             batch = MicroBatch(j, idx, x, y)
             with gradient_sync(net, a == accumulation - 1):
+                watch.mark(done, "forward pass")
                 with autocast:
                     loss, metrics = run.loss_fn(net, batch, step)
+                watch.mark(done, "backward pass")
                 scaler.scale(loss / accumulation).backward()
             for key, value in {"loss": loss, **metrics}.items():  # on the device: no host sync but the one below
                 step_metrics[key] = step_metrics.get(key, 0) + value.detach().float() / accumulation
             batches.append(batch)
+            watch.mark(done, "reading its batch")
 
-        value = all_reduce_mean(step_metrics["loss"].reshape(1)).item()  # the same verdict on every rank
+        watch.mark(done, "loss all-reduce")
+        # the stop flag rides on the step's one host sync: every rank stops after the same step
+        flag = torch.full((1,), float(stop.requested), device=device)
+        value, stopping = all_reduce_mean(torch.cat([step_metrics["loss"].reshape(1), flag])).tolist()
+        stopping = stopping > 0
         spike = math.isfinite(value) and guard.is_spike(value)
         if spike:
             path = _save_batch(out_dir, done, env.rank, value, batches, folder="spikes")
@@ -283,6 +302,7 @@ def train_loop(run: Run, out_dir: Path, env: Dist, data, precision: str, accumul
             if t.spike_action == "rollback":
                 _roll_back(out_dir, run, net, optimizer, scaler, env)
         elif math.isfinite(value):
+            watch.mark(done, "optimizer step")
             if t.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 grad_norms += clip_grad_norm(net.parameters(), t.grad_clip)
@@ -332,22 +352,41 @@ def train_loop(run: Run, out_dir: Path, env: Dist, data, precision: str, accumul
         paused = time.perf_counter()  # sampling and checkpointing do not count towards img/s
         sample_now = run.sample is not None and (done % t.sample_every == 0 or done == t.max_steps)
         ckpt_now = done % t.ckpt_every == 0 or done == t.max_steps
-        if sample_now or ckpt_now:
+        if sample_now or ckpt_now or stopping:
+            watch.mark(done, "sample grid / checkpoint")
             ema_net, ema_weights = _ema_for_sampling(ema, env, run.build)
             if sample_now and env.is_main:
-                grid = run.sample(done, ema_net)
-                if grid is not None:
-                    loggers.image("samples", grid, done)
-            if ckpt_now:
+                grids: list[Path] = []
+                if stop.cut_short(lambda: grids.append(run.sample(done, ema_net))):
+                    log.warning("step %d: the sample grid was cut short by the stop signal", done)
+                elif grids[0] is not None:
+                    loggers.image("samples", grids[0], done)
+            saved = ckpt_now or stopping
+            if saved:
                 loggers.flush()  # what was logged up to this state survives a crash after it
                 checkpoint(done, ema_weights)
-            barrier()
-        stop = run.after_step is not None and run.after_step(done, ema.model)
+            stopping = any_rank(stop.requested, device)  # (in place of a barrier) a signal during the phase counts
+            if stopping and not saved:
+                loggers.flush()
+                checkpoint(done, ema_weights)
+        if stopping:
+            preempted_at = done
+            break
+        watch.mark(done, "after the step")
+        ended = run.after_step is not None and run.after_step(done, ema.model)
         window_start += time.perf_counter() - paused
-        if stop:
+        if ended:
             break
     loggers.close()
     data.close()
+    if preempted_at is not None:
+        message = (f"preempted ({stop.received.name if stop.received else 'another rank was signalled'}): stopped "
+                   f"after step {preempted_at}, its training state is saved in "
+                   f"{out_dir / 'checkpoints' / f'step-{preempted_at:07d}'}; continue with --resume "
+                   f"(exit status {PREEMPTED_EXIT})")
+        if env.is_main:
+            log.warning("%s", message)
+        raise Preempted(message, preempted_at)
 
 
 def _roll_back(out_dir: Path, run: Run, net: nn.Module, optimizer, scaler, env: Dist) -> None:

@@ -1,8 +1,8 @@
 """Which config changes a resumed run accepts: a run continues only with the config it was saved
 with, apart from :data:`RESUMABLE_CHANGES`: how long to train, how often to log and save, how the
 work is split over processes, devices and loader workers, speed-only settings (none changes what
-the run has computed so far), and what to do about a non-finite or spiking loss (the advice of
-those errors is to change them)."""
+the run has computed so far), what to do about a non-finite or spiking loss (the advice of
+those errors is to change them), and how the run reacts to a stop signal or a stalled rank."""
 from __future__ import annotations
 
 import json
@@ -17,6 +17,7 @@ RESUMABLE_CHANGES = frozenset({
     "train.ddp_bucket_mb", "train.fsdp_cpu_offload", "data.num_workers", "data.verify", "data.dali_threads",
     "train.nonfinite", "train.spike_zscore", "train.spike_min_ratio", "train.spike_warmup", "train.spike_decay",
     "train.spike_action", "train.loggers",
+    "train.spike_action", "train.preempt_signals", "train.collective_timeout_s",
 })
 
 

@@ -32,6 +32,7 @@ from ..models.precision import resolve_precision
 from ..storage import load_training_state
 from .ema import EMA
 from .loop import LossFn, MicroBatch, Run, check_run_dir, learning_rate, replace_data_vae, train_loop
+from .preemption import resume_after_restart
 from .run_lock import RunLock
 
 log = logging.getLogger(__name__)
@@ -82,9 +83,14 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, init_from: str
     img/s clock; it returns None, ``"unmask"`` (train unmasked from the next step on) or ``"stop"``
     (end the run after this step, without a final checkpoint). ``benchmarks/time_to_quality.py``
     drives wall-clock-budgeted runs with it.
+
+    A stop signal (``train.preempt_signals``) saves the training state of the current step and raises
+    :class:`~maskdit_fast.train.preemption.Preempted`. Restarted by torchrun (``--max-restarts``), the
+    run resumes from the newest training state in ``out_dir`` without ``resume``.
     """
-    with processes(cfg.train.parallel, cfg.train.device, "parallel=ddp or parallel=fsdp") as env, \
-            RunLock(Path(out_dir), env.is_main) as lock:
+    with processes(cfg.train.parallel, cfg.train.device, "parallel=ddp or parallel=fsdp",
+                   cfg.train.collective_timeout_s) as env, RunLock(Path(out_dir), env.is_main) as lock:
+        resume = resume_after_restart(Path(out_dir), resume)
         return _train(cfg, Path(out_dir), env, lock, resume, init_from, progress, step_hook)
 
 

@@ -1,0 +1,110 @@
+"""A ``train.py`` process (plain, or one rank under ``torchrun``) with faults injected at chosen moments,
+for the fault-tolerance tests. Usage: ``fault_worker.py FAULTS_JSON``; the file holds
+``{"argv": [train.py arguments], ...}`` and any of:
+
+- ``"signal": {"at": "sample" | "checkpoint" | "quality", "step": k, "name": "SIGUSR1"}``: rank 0 sends the
+  signal when the sample grid / the checkpoint of step k / the final quality check starts, to torchrun's
+  agent (which passes it on to every worker, as under Slurm) or, in a plain launch, to itself; the phase
+  then takes a while, so the signal arrives inside it. At a checkpoint a second signal follows during the
+  save itself.
+- ``"stall": {"rank": r, "step": k, "seconds": s}``: rank r sleeps in the forward pass of step k.
+- ``"kill": {"rank": r, "step": k}``: rank r SIGKILLs itself in step k, in the first run of the group only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+import maskdit_fast.generate as generate_module
+import maskdit_fast.train.loop as loop
+import maskdit_fast.train.trainer as trainer
+from maskdit_fast.cli import train_main
+from maskdit_fast.train.ema import EMA
+
+RANK = int(os.environ.get("RANK", 0))
+UNDER_TORCHRUN = "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def send(name: str, to_self: bool = False) -> None:
+    os.kill(os.getpid() if to_self or not UNDER_TORCHRUN else os.getppid(), signal.Signals[name])
+
+
+def signal_at(at: str, step: int, name: str) -> None:
+    if RANK != 0:
+        return
+    if at == "sample":
+        real_grid = trainer.write_sample_grid
+
+        def grid(cfg, ema_net, path, progress=False):
+            if path.name == f"step-{step:07d}.png":
+                send(name)
+                time.sleep(5)  # a long sampling: the signal arrives meanwhile and cuts it short
+            return real_grid(cfg, ema_net, path, progress)
+
+        trainer.write_sample_grid = grid
+    elif at == "checkpoint":
+        real_save = loop.save_training_state
+
+        def save(run_dir, current, *args, **kwargs):
+            if current == step:
+                send(name)
+                time.sleep(1)  # the signal arrives while the state is being written
+                threading.Timer(0.01, send, (name, True)).start()  # and a second one during the writes
+            return real_save(run_dir, current, *args, **kwargs)
+
+        loop.save_training_state = save
+    elif at == "quality":
+        real_generate = generate_module.generate
+
+        def generate(*args, **kwargs):
+            send(name)
+            time.sleep(5)
+            return real_generate(*args, **kwargs)
+
+        generate_module.generate = generate
+
+
+def stall(rank: int, step: int, seconds: float) -> None:
+    if RANK != rank:
+        return
+    real_loss, calls = trainer.edm_loss, [0]
+
+    def loss(*args, **kwargs):
+        calls[0] += 1  # one micro-batch per step and process in these tests: call k is step k
+        if calls[0] == step:
+            time.sleep(seconds)
+        return real_loss(*args, **kwargs)
+
+    trainer.edm_loss = loss
+
+
+def kill(rank: int, step: int) -> None:
+    if RANK != rank or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
+        return
+    real_update = EMA.update
+
+    def update(self, model, current: int) -> None:
+        if current + 1 == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_update(self, model, current)
+
+    EMA.update = update
+
+
+def main(faults_file: str) -> int:
+    faults = json.loads(open(faults_file).read())
+    if "signal" in faults:
+        signal_at(faults["signal"]["at"], faults["signal"].get("step", 0), faults["signal"]["name"])
+    if "stall" in faults:
+        stall(**faults["stall"])
+    if "kill" in faults:
+        kill(**faults["kill"])
+    return train_main(faults["argv"])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
