@@ -1,6 +1,6 @@
 """The package's layers only point down: every import of a maskdit_fast module (at module level or
 inside a function) goes to a module of the same or a lower layer, and no modules import each other
-in a circle. A new module must be given a layer here (the README's Layout section draws them)."""
+in a circle. A new module must be given a layer here (the README's Layout section and docs/layout.md draw them)."""
 from __future__ import annotations
 
 import ast

@@ -515,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gpus", default=",".join(GPUS), help=f"comma-separated subset of {','.join(GPUS)}")
     parser.add_argument("--json", default="static-report.json", help="where to write the JSON report")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed (listed on stderr)")
-    parser.add_argument("--markdown", action="store_true", help="print the per-op summary table (README) instead")
+    parser.add_argument("--markdown", action="store_true", help="print the per-op summary table (docs/kernels.md) instead")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.gpus.split(",")) - set(GPUS))
     if unknown:
