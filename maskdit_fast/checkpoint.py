@@ -38,7 +38,8 @@ def save_safetensors(path: str | Path, state: dict[str, torch.Tensor], cfg: Mode
     metadata.update({k: json.dumps(v) for k, v in (extra or {}).items()})
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     metadata[DIGEST_KEY] = tensors_sha256(tensors, metadata)
-    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata),
+                 needed=sum(t.numel() * t.element_size() for t in tensors.values()))
 
 
 def ema_metadata(config: dict, step: int) -> dict:

@@ -12,6 +12,7 @@ import torch
 
 from .config import SOLVERS, load_config
 from .errors import ArgumentParser
+from .files import disk_errors
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -34,16 +35,17 @@ def train_main(argv: list[str] | None = None) -> int:
         parser.error("--resume and --init-from exclude each other")
     if args.init_from and not Path(args.init_from).exists():
         parser.error(f"--init-from {args.init_from}: no such checkpoint")
-    with parser.user_errors():  # bad input found at any time, said plainly: no traceback
-        return _train(args)
+    out = Path(args.out or Path("runs") / Path(args.config).stem)
+    # bad input found at any time, and a full disk outside the atomic writes (a log line, a grid), said plainly
+    with parser.user_errors(), disk_errors(out):
+        return _train(args, out)
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace, out: Path) -> int:
     from .train.preemption import PREEMPTED_EXIT, Preempted, stop_signals
     from .train.trainer import train
 
     cfg = load_config(args.config, args.overrides)
-    out = Path(args.out or Path("runs") / Path(args.config).stem)
     with stop_signals(cfg.train.preempt_signals) as stop:  # also around the quality check: the signal cuts it short
         try:
             final = train(cfg, out, resume=args.resume, init_from=args.init_from, progress=not args.no_progress)

@@ -336,7 +336,7 @@ def _save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
         with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a temporary name
             np.savez(f, **arrays)
 
-    atomic_write(path, write)
+    atomic_write(path, write, needed=sum(a.nbytes for a in arrays.values()))
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
