@@ -20,6 +20,7 @@ import pickle
 import re
 import shutil
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -28,13 +29,14 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemWriter
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
 from .dist import barrier
 from .errors import UserError
-from .files import PARTIAL, atomic_write
-from .integrity import folder_damage, write_manifest
+from .files import PARTIAL, atomic_write, disk_error, disk_full, free_bytes, size_text
+from .integrity import DigestingStream, folder_damage, write_manifest
 from .safe_pickle import SafeFileSystemReader
 
 log = logging.getLogger(__name__)
@@ -126,6 +128,45 @@ def _single_process_quiet():
         yield
 
 
+class DigestingFileSystem(FileSystem):
+    """DCP's file system whose files written whole get their sha256 on the way (``digests``: file
+    name -> (bytes, sha256)), for the manifest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.digests: dict[str, tuple[int, str]] = {}
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[Any]:
+        with super().create_stream(path, mode) as stream:
+            if mode != "wb":
+                yield stream
+                return
+            digesting = DigestingStream(stream)
+            try:
+                yield digesting
+            finally:
+                digesting.close()
+            digest = digesting.digest()
+            if digest is not None:
+                self.digests[Path(path).name] = digest
+
+    def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
+        super().rename(path, new_path)
+        digest = self.digests.pop(Path(path).name, None)
+        if digest is not None:
+            self.digests[Path(new_path).name] = digest
+
+
+def _digests_of_all_ranks(digests: dict[str, tuple[int, str]]) -> dict[str, tuple[int, str]]:
+    """Collective: every rank's digests of the files it wrote, merged."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return digests
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, digests)
+    return {name: digest for part in gathered for name, digest in part.items()}
+
+
 def save_training_state(run_dir: Path, step: int, state: dict[str, Any], meta: dict[str, Any], keep_last: int,
                         is_main: bool) -> Path:
     """Collective: every rank writes its part of ``state`` (tensors, DTensor shards), rank 0 adds
@@ -133,19 +174,47 @@ def save_training_state(run_dir: Path, step: int, state: dict[str, Any], meta: d
     ``keep_last`` checkpoints (0 = all)."""
     ckpt_dir = run_dir / "checkpoints"
     final, tmp = ckpt_dir / f"step-{step:07d}", ckpt_dir / f".tmp-step-{step:07d}"
+    needed = state_bytes(state)
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash while writing this step
         tmp.mkdir(parents=True)
+        if free_bytes(tmp) < needed:
+            log.warning("%s: %s free, the training state needs at least %s: the write will fail", ckpt_dir,
+                        size_text(free_bytes(tmp)), size_text(needed))
     barrier()
-    with _single_process_quiet():  # returns once every rank's files and the metadata are written
-        dcp.save(state, checkpoint_id=tmp, no_dist=_no_dist())
+    try:
+        writer = FileSystemWriter(tmp)
+        writer.fs = DigestingFileSystem()  # hashes as it writes: the manifest needs no second pass
+        with _single_process_quiet():  # returns once every rank's files and the metadata are written
+            dcp.save(state, checkpoint_id=tmp, storage_writer=writer, no_dist=_no_dist())
+        digests = _digests_of_all_ranks(writer.fs.digests)
+        if is_main:
+            atomic_write(tmp / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
+            write_manifest(tmp, digests)  # last: it covers every file above
+    except (OSError, CheckpointException, UserError) as err:
+        full = disk_error(err)
+        if full is None:
+            raise
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # the partial files; the committed states are untouched
+        raise disk_full(final, full, needed) from None
     if is_main:
-        atomic_write(tmp / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
-        write_manifest(tmp)  # last: it covers every file above
         _commit(tmp, final)
         _retain(ckpt_dir, keep_last)
     barrier()
     return final
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes of the tensors in a (nested) state: a sharded tensor counts its global size, so this
+    estimates the whole training state on disk."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
 
 
 def _commit(tmp: Path, final: Path) -> None:
