@@ -61,7 +61,15 @@ def init_distributed(device_name: str, timeout_s: float | None = None) -> tuple[
     backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
     device_id = device if device.type == "cuda" else None
     timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s + BACKSTOP_S)}
-    if "RANK" in os.environ:
+    if "RANK" in os.environ and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's agent keeps one store across restarts, and init_process_group's keys carry no restart
+        # count: a restarted rank could read a dead peer's gloo address and give up. One prefix per restart.
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                              is_master=False, timeout=timedelta(seconds=timeout_s + BACKSTOP_S if timeout_s else 1800))
+        store = dist.PrefixStore(f"maskdit_fast/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, device_id=device_id,
+                                **timeout)
+    elif "RANK" in os.environ:
         dist.init_process_group(backend, device_id=device_id, **timeout)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id, **timeout)

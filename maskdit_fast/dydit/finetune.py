@@ -44,7 +44,8 @@ from ..dist import Dist, any_rank, processes
 from ..generate import generate, seed_labels, write_sample_grid
 from ..models.precision import resolve_precision
 from ..train.ema import EMA
-from ..train.loop import LossFn, MicroBatch, Run, check_run_dir, replace_data_vae, train_loop
+from ..train.loop import (LossFn, MicroBatch, Run, check_run_dir, replace_data_vae, resumed_micro_batch,
+                          train_loop)
 from ..train.preemption import PREEMPTED_EXIT, Preempted, resume_after_restart, stop_signals
 from ..train.run_lock import RunLock
 from .checkpoint import save_dydit
@@ -184,7 +185,8 @@ def _finetune(cfg: DyDiTRunConfig, init: Path, out_dir: Path, env: Dist, lock: R
     precision = resolve_precision(t.precision, device)
     if precision == "fp16":
         raise ConfigError("train.precision: fp16 is not supported by the DyDiT fine-tune; use bf16 or fp32")
-    micro, accumulation = split_global_batch(t.global_batch, env.world_size, t.micro_batch)
+    micro_batch = resumed_micro_batch(state_path, t.global_batch, env.world_size, t.micro_batch)
+    micro, accumulation = split_global_batch(t.global_batch, env.world_size, micro_batch)
     torch.manual_seed(t.seed)
 
     base = load_checkpoint(init, device)

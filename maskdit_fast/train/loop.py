@@ -128,6 +128,26 @@ def check_run_dir(out_dir: Path, resume: bool, lock: RunLock) -> Path | None:
     return latest_intact_training_state(out_dir) if resume and state_path is not None else state_path
 
 
+def resumed_micro_batch(state_path: Path | None, global_batch: int, world_size: int, micro_batch: int | None
+                        ) -> int | None:
+    """``train.micro_batch`` for this launch. As configured, except when it is None (one micro-batch per
+    process) and the run resumes a state written by another number of processes (an elastic restart
+    with a node less, a resume on fewer GPUs): then the micro-batch size that state was trained with, if
+    it divides this launch's share of the global batch. The global batch is then cut into the same
+    micro-batches, seeded by their place in it, so the run computes the same numbers up to the order
+    of the gradient sums, and a process needs the memory it needed before."""
+    if micro_batch is not None or state_path is None or not state_path.is_dir():
+        return micro_batch
+    meta = read_meta(state_path)
+    # the size it was trained with (kept through earlier changes); states of earlier versions: from their config
+    saved = meta.get("micro_batch") or meta["config"]["train"].get("micro_batch") or global_batch // meta["world_size"]
+    if meta["world_size"] == world_size or global_batch % world_size or (global_batch // world_size) % saved:
+        return None
+    log.info("resuming a state of %d processes on %d: micro-batches of %d kept, %d per process and step "
+             "(train.micro_batch=null)", meta["world_size"], world_size, saved, global_batch // world_size // saved)
+    return saved
+
+
 def _ema_for_sampling(ema: EMA, env: Dist, build: Callable[[], nn.Module]) -> tuple[nn.Module | None, dict | None]:
     """Collective under FSDP: (EMA network, its weights) on rank 0 as a plain module; (None, None)
     elsewhere. Sharded EMA weights are gathered here, at sample/checkpoint time only."""
@@ -251,7 +271,7 @@ def _train_steps(run: Run, out_dir: Path, env: Dist, data, precision: str, accum
         state = {"model": model_sd, "optimizer": optim_sd, "ema": get_model_state_dict(ema.model),
                  "rng": {rank_key: process_state(device, data.state())}}
         meta = {"step": step, "world_size": env.world_size, "scaler": scaler.state_dict(), "config": run.run_config,
-                "spike_guard": guard.state_dict()}
+                "spike_guard": guard.state_dict(), "micro_batch": t.global_batch // (env.world_size * accumulation)}
         save_training_state(out_dir, step, state, meta, t.keep_last, env.is_main)
         if env.is_main:
             run.export(step, ema_weights)

@@ -31,7 +31,8 @@ from ..generate import write_sample_grid
 from ..models.precision import resolve_precision
 from ..storage import load_training_state
 from .ema import EMA
-from .loop import LossFn, MicroBatch, Run, check_run_dir, learning_rate, replace_data_vae, train_loop
+from .loop import (LossFn, MicroBatch, Run, check_run_dir, learning_rate, replace_data_vae, resumed_micro_batch,
+                   train_loop)
 from .preemption import resume_after_restart
 from .run_lock import RunLock
 
@@ -99,7 +100,6 @@ def _train(cfg: Config, out_dir: Path, env: Dist, lock: RunLock, resume: bool, i
     t = cfg.train
     device = env.device
     precision = resolve_precision(t.precision, device)
-    micro, accumulation = split_global_batch(t.global_batch, env.world_size, t.micro_batch)
     if t.fsdp_cpu_offload and device.type != "cuda":
         raise ConfigError("train.fsdp_cpu_offload: offloads GPU memory, but this run is on the CPU")
     if cfg.model.kernels != "auto":
@@ -110,6 +110,8 @@ def _train(cfg: Config, out_dir: Path, env: Dist, lock: RunLock, resume: bool, i
     torch.manual_seed(t.seed)  # the same initial weights on every rank
 
     state_path = check_run_dir(out_dir, resume, lock)
+    micro_batch = resumed_micro_batch(state_path, t.global_batch, env.world_size, t.micro_batch)
+    micro, accumulation = split_global_batch(t.global_batch, env.world_size, micro_batch)
     data = build_loader(cfg, device, env.rank, env.world_size, micro, accumulation)
     cfg = replace_data_vae(cfg, data.vae)  # grids and sample.py decode with the VAE that made the latents
     raw = build_net(cfg.model).to(device).train()

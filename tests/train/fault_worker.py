@@ -9,6 +9,8 @@ for the fault-tolerance tests. Usage: ``fault_worker.py FAULTS_JSON``; the file 
   save itself.
 - ``"stall": {"rank": r, "step": k, "seconds": s}``: rank r sleeps in the forward pass of step k.
 - ``"kill": {"rank": r, "step": k}``: rank r SIGKILLs itself in step k, in the first run of the group only.
+- ``"kill_node": {"node": name, "step": k}``: a lost node: the worker whose agent was started with
+  ``FAULT_NODE=name`` in its environment SIGKILLs its torchrun agent, then itself, in step k (first run only).
 """
 from __future__ import annotations
 
@@ -95,6 +97,20 @@ def kill(rank: int, step: int) -> None:
     EMA.update = update
 
 
+def kill_node(node: str, step: int) -> None:
+    if os.environ.get("FAULT_NODE") != node or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
+        return
+    real_update = EMA.update
+
+    def update(self, model, current: int) -> None:
+        if current + 1 == step:
+            os.kill(os.getppid(), signal.SIGKILL)  # the agent: no restart, no goodbye to the rendezvous
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_update(self, model, current)
+
+    EMA.update = update
+
+
 def main(faults_file: str) -> int:
     faults = json.loads(open(faults_file).read())
     if "signal" in faults:
@@ -103,6 +119,8 @@ def main(faults_file: str) -> int:
         stall(**faults["stall"])
     if "kill" in faults:
         kill(**faults["kill"])
+    if "kill_node" in faults:
+        kill_node(**faults["kill_node"])
     return train_main(faults["argv"])
 
 
