@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("maskdit_fast.dist", "maskdit_fast.models", "maskdit_fast.data"),
     ("maskdit_fast.storage", "maskdit_fast.diffusion"),
     ("maskdit_fast.checkpoint", "maskdit_fast.generate"),
-    ("maskdit_fast.train", "maskdit_fast.convert"),
+    ("maskdit_fast.train", "maskdit_fast.convert", "maskdit_fast.plan"),
     ("maskdit_fast.dydit",),
     ("maskdit_fast.eval",),
     ("maskdit_fast.dydit.__main__", "maskdit_fast.eval.__main__"),

@@ -18,10 +18,12 @@ class EMA:
     no gather, the same arithmetic as unsharded.
     """
 
-    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False, average: nn.Module | None = None):
+        """``average``: the copy to keep, when built already (the memory planner's fake tensors cannot be
+        deep-copied); else a deep copy of ``model``."""
         self.decay = decay
         self.warmup = warmup
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.model = (copy.deepcopy(model) if average is None else average).eval().requires_grad_(False)
 
     def decay_at(self, step: int) -> float:
         return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay

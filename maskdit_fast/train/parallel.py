@@ -15,6 +15,7 @@ from typing import ContextManager, Iterable
 
 import torch
 import torch.nn as nn
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -83,7 +84,8 @@ def parallelize(net: EDMPrecond, ema_model: EDMPrecond, cfg: Config, precision: 
                                        bucket_cap_mb=t.ddp_bucket_mb, gradient_as_bucket_view=True,
                                        static_graph=static, find_unused_parameters=not static)
     if t.parallel == "fsdp":
-        mesh = init_device_mesh(device.type, (world_size,))
+        with unset_fake_temporarily():  # the rank table is real data, also when the memory planner fakes the rest
+            mesh = init_device_mesh(device.type, (world_size,))
         offload = CPUOffloadPolicy() if t.fsdp_cpu_offload else OffloadPolicy()
         shard(net, mesh, mixed_precision(precision, t.fsdp_reduce_dtype), offload)
         shard(ema_model, mesh, MixedPrecisionPolicy(), offload)
