@@ -203,7 +203,8 @@ class TrainConfig:
     ckpt_every: int = 5000             # training state + EMA safetensors (also written at the end)
     keep_last: int = 0                 # training states kept on disk (0 = all)
     parallel: str = "none"             # none | ddp | fsdp (several processes: launch with torchrun)
-    micro_batch: Optional[int] = None  # samples per process per forward/backward; None = global_batch / processes
+    micro_batch: Any = None            # samples per process per forward/backward: an integer; None = global_batch /
+                                       # processes; auto = the largest the memory planner says fits (docs/planning.md)
     activation_checkpointing: bool = False  # recompute each DiT block in the backward pass
     compile: bool = False              # torch.compile each DiT block
     ddp_bucket_mb: int = 25            # ddp: gradient all-reduce bucket size
@@ -239,7 +240,11 @@ class TrainConfig:
         _one_of(self.device, "train.device", ("auto", "cpu", "cuda"))
         _require(self.keep_last >= 0, "train.keep_last", "must be >= 0 (0 = keep all)")
         _one_of(self.parallel, "train.parallel", ("none", "ddp", "fsdp"))
-        if self.micro_batch is not None:
+        if isinstance(self.micro_batch, str) and self.micro_batch.strip().isdigit():
+            self.micro_batch = int(self.micro_batch)  # an override gives text
+        if self.micro_batch is not None and self.micro_batch != "auto":
+            _require(isinstance(self.micro_batch, int) and not isinstance(self.micro_batch, bool),
+                     "train.micro_batch", f"{self.micro_batch!r} is not an integer, null or auto")
             _require(0 < self.micro_batch <= self.global_batch and self.global_batch % self.micro_batch == 0,
                      "train.micro_batch", f"{self.micro_batch} must be positive and divide train.global_batch={self.global_batch}")
         _one_of(self.fsdp_reduce_dtype, "train.fsdp_reduce_dtype", ("fp32", "bf16"))
@@ -351,6 +356,11 @@ def load_config(name_or_path: str | None = "mnist", overrides: list[str] | tuple
 def config_to_dict(cfg: Config | ModelConfig) -> dict:
     """Plain nested dict of a config (for checkpoints and logs)."""
     return dataclasses.asdict(cfg)
+
+
+def config_from_dict(values: dict) -> Config:
+    """A validated Config from a plain nested dict (:func:`config_to_dict`'s output)."""
+    return _build(values)
 
 
 def model_config_from_dict(values: dict) -> ModelConfig:

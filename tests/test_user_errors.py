@@ -21,6 +21,7 @@ from maskdit_fast.data.latents import LatentFormatError, LatentShards
 from maskdit_fast.data.loader import build_loader
 from maskdit_fast.dydit.__main__ import main as dydit_main
 from maskdit_fast.eval.__main__ import main as eval_main
+from maskdit_fast.train import objective as objective_module
 from maskdit_fast.train import trainer as trainer_module
 from maskdit_fast.storage import latest_training_state, load_training_state
 from tests.data.helpers import make_latent_folder
@@ -126,14 +127,14 @@ def test_damaged_newest_state_is_named_and_resume_falls_back(copy, capsys, caplo
 
 
 def test_nan_loss_ends_as_a_message(tmp_path, monkeypatch, capsys):
-    real = trainer_module.edm_loss
+    real = objective_module.edm_loss
 
     def nan_loss(*args, **kwargs):
         terms = real(*args, **kwargs)
         terms.loss = terms.loss * float("nan")
         return terms
 
-    monkeypatch.setattr(trainer_module, "edm_loss", nan_loss)
+    monkeypatch.setattr(objective_module, "edm_loss", nan_loss)
     fails(capsys, train_main, ["--out", str(tmp_path / "x"), *RUN], "loss is nan at step 1", "train.nonfinite=skip")
 
 

@@ -168,6 +168,9 @@ def finetune(cfg: DyDiTRunConfig, init: str | Path, out_dir: str | Path, progres
         if getattr(t, key):
             raise ConfigError(f"train.{key}: not supported by the DyDiT fine-tune (untested with the routers); "
                               f"set train.{key}=false")
+    if t.micro_batch == "auto":
+        raise ConfigError("train.micro_batch: auto plans MaskDiT / DiT training (train.py), not the DyDiT fine-tune; "
+                          "give a number (python -m benchmarks.plan shows what fits the base model)")
     if t.parallel == "fsdp":
         raise ConfigError("train.parallel: fsdp is not supported by the DyDiT fine-tune; use ddp (the routers and "
                           "the EMA are small, DDP keeps a full copy of the network per GPU)")

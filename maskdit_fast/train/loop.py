@@ -53,6 +53,7 @@ from ..storage import (latest_intact_training_state, latest_training_state, load
                        set_training_state)
 from .ema import EMA
 from .loggers import Loggers, require_packages
+from .optimizer import build_optimizer
 from .parallel import clip_grad_norm, gradient_sync, parallelize
 from .preemption import PREEMPTED_EXIT, Preempted, StopSignals, stop_signals
 from .resume_config import check_resumable
@@ -190,7 +191,8 @@ class Run:
     ``param_groups(raw)``: AdamW groups (an ``lr_scale`` entry scales a group's learning rate), called
     after sharding; ``build``: a fresh unsharded network (rank 0 gathers a sharded EMA into it);
     ``after_step(step, ema_net)`` (one process only): called after every step, outside the img/s clock;
-    True ends the run after that step, without a final checkpoint (wall-clock-budgeted runs)."""
+    True ends the run after that step, without a final checkpoint (wall-clock-budgeted runs);
+    ``memory_check``: compares the first steps' real peak with the memory planner's."""
 
     cfg: Config
     run_config: dict[str, Any]
@@ -204,6 +206,7 @@ class Run:
     sample: Callable[[int, nn.Module], Path | None] | None = None
     desc: str = "train"
     after_step: Callable[[int, nn.Module], bool] | None = None
+    memory_check: Any = None  # train.micro_batch=auto: a maskdit_fast.plan.auto.MemoryCheck
 
 
 def _restore(path: Path, run: Run, net: nn.Module, optimizer, scaler, env: Dist, guard: SpikeGuard | None
@@ -237,7 +240,11 @@ def train_loop(run: Run, out_dir: Path, env: Dist, data, precision: str, accumul
     saves the state of the step it arrives in and raises :class:`Preempted`; with several processes a
     rank without progress for ``train.collective_timeout_s`` stops the run (:mod:`.watchdog`)."""
     with stop_signals(run.cfg.train.preempt_signals) as stop, Watchdog(env, run.cfg.train.collective_timeout_s) as watch:
-        _train_steps(run, out_dir, env, data, precision, accumulation, state_path, lock, progress, stop, watch)
+        try:
+            _train_steps(run, out_dir, env, data, precision, accumulation, state_path, lock, progress, stop, watch)
+        finally:
+            if run.memory_check is not None:
+                run.memory_check.close()
 
 
 def _train_steps(run: Run, out_dir: Path, env: Dist, data, precision: str, accumulation: int, state_path: Path | None,
@@ -248,10 +255,7 @@ def _train_steps(run: Run, out_dir: Path, env: Dist, data, precision: str, accum
     raw, ema = run.raw, run.ema
     net = parallelize(raw, ema.model, cfg, precision, device, env.world_size, accumulation)
     groups = [{"lr_scale": 1.0, **g} for g in run.param_groups(raw)]
-    fused = device.type == "cuda" and not t.fsdp_cpu_offload
-    # foreach elsewhere: torch's CPU default updates tensor by tensor, twice as slow for the same bits
-    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
-                                  fused=fused, foreach=not fused)
+    optimizer = build_optimizer(groups, t, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     rank_key = f"rank{env.rank}"
 
@@ -265,6 +269,9 @@ def _train_steps(run: Run, out_dir: Path, env: Dist, data, precision: str, accum
     if env.is_main:
         (out_dir / CONFIG_FILE).write_text(json.dumps(run.run_config, indent=2))
     loggers = Loggers.open(t.loggers, out_dir, start, run.run_config, t.wandb_project, t.wandb_entity, env.is_main)
+    if run.memory_check is not None:  # what the first step finds allocated, as the planner counts it
+        run.memory_check.start([*net.parameters(), *net.buffers(), *ema.model.parameters(), *ema.model.buffers(),
+                                *(v for state in optimizer.state.values() for v in state.values())])
 
     def checkpoint(step: int, ema_weights: dict | None) -> None:
         model_sd, optim_sd = get_state_dict(net, optimizer)
@@ -351,6 +358,8 @@ def _train_steps(run: Run, out_dir: Path, env: Dist, data, precision: str, accum
             log.warning("step %d: loss is %s, step skipped (train.nonfinite=skip)%s", done, value,
                         "".join(f"; non-finite input: {s}" for s in _nonfinite_sources(data, batches)[:5]))
         window_steps += 1
+        if run.memory_check is not None:
+            run.memory_check.after_step()
 
         if done % t.log_every == 0 or done == t.max_steps:
             finite_steps = max(window_steps - window_skipped, 1)

@@ -24,34 +24,20 @@ from ..config import Config, ConfigError, config_to_dict
 from ..data.loader import build_loader
 from ..data.sampler import split_global_batch
 from ..diffusion.edm import build_net, check_kernels
-from ..diffusion.ddpm_loss import ddpm_loss
-from ..diffusion.loss import edm_loss
 from ..dist import Dist, processes, select_device
 from ..generate import write_sample_grid
 from ..models.precision import resolve_precision
-from ..storage import load_training_state
+from ..plan.auto import MemoryCheck, choose_micro_batch
+from ..storage import load_training_state, read_meta
 from .ema import EMA
-from .loop import (LossFn, MicroBatch, Run, check_run_dir, learning_rate, replace_data_vae, resumed_micro_batch,
-                   train_loop)
+from .loop import Run, check_run_dir, learning_rate, replace_data_vae, resumed_micro_batch, train_loop
+from .objective import maskdit_objective
 from .preemption import resume_after_restart
 from .run_lock import RunLock
 
 log = logging.getLogger(__name__)
 __all__ = ["learning_rate", "select_device", "train"]
 StepHook = Callable[[int, torch.nn.Module], str | None]  # see train()
-
-
-def maskdit_objective(cfg: Config, mask_ratio: Callable[[int], float]) -> LossFn:
-    """The MaskDiT / DiT objective for the loop: EDM DSM on kept patches + MAE on masked ones, with
-    ``mask_ratio(step)`` of the tokens masked; with ``model.diffusion=ddpm`` DiT's loss (eps MSE + the
-    learned variance's bound term) in place of DSM."""
-    diffusion_loss = ddpm_loss if cfg.model.diffusion == "ddpm" else edm_loss
-
-    def loss_fn(net: torch.nn.Module, batch: MicroBatch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        terms = diffusion_loss(net, batch.images, batch.labels, mask_ratio(step), cfg.loss, cfg.model)
-        return terms.loss.mean(), {"dsm": terms.dsm.mean(), "mae": terms.mae.mean()}
-
-    return loss_fn
 
 
 def _sample_grid(cfg: Config, ema_net: torch.nn.Module, path: Path, progress: bool) -> Path | None:
@@ -110,7 +96,16 @@ def _train(cfg: Config, out_dir: Path, env: Dist, lock: RunLock, resume: bool, i
     torch.manual_seed(t.seed)  # the same initial weights on every rank
 
     state_path = check_run_dir(out_dir, resume, lock)
-    micro_batch = resumed_micro_batch(state_path, t.global_batch, env.world_size, t.micro_batch)
+    memory_check = None
+    if t.micro_batch == "auto":  # the planner's largest micro-batch that fits this device
+        meta = read_meta(state_path) if state_path is not None and state_path.is_dir() else {}
+        first_step = meta.get("step", 0)
+        first_ratio = cfg.model.mask_ratio if first_step < t.max_steps - t.unmasked_steps else 0.0
+        chosen = choose_micro_batch(cfg, env, meta.get("micro_batch"), first_ratio)
+        micro_batch = chosen["micro_batch"]
+        memory_check = MemoryCheck(chosen["first_peak"], device)
+    else:
+        micro_batch = resumed_micro_batch(state_path, t.global_batch, env.world_size, t.micro_batch)
     micro, accumulation = split_global_batch(t.global_batch, env.world_size, micro_batch)
     data = build_loader(cfg, device, env.rank, env.world_size, micro, accumulation)
     cfg = replace_data_vae(cfg, data.vae)  # grids and sample.py decode with the VAE that made the latents
@@ -143,6 +138,7 @@ def _train(cfg: Config, out_dir: Path, env: Dist, lock: RunLock, resume: bool, i
         sample=lambda step, ema_net: _sample_grid(cfg, ema_net, out_dir / "samples" / f"step-{step:07d}.png",
                                                   progress and step == t.max_steps),  # the last: a bar
         after_step=None if step_hook is None else after_step,
+        memory_check=memory_check,
     )
     train_loop(run, out_dir, env, data, precision, accumulation, state_path, lock, progress)
     return out_dir / "ema.safetensors"

@@ -23,7 +23,7 @@ import time
 
 import maskdit_fast.generate as generate_module
 import maskdit_fast.train.loop as loop
-import maskdit_fast.train.trainer as trainer
+import maskdit_fast.train.objective as objective
 from maskdit_fast.cli import train_main
 from maskdit_fast.train.ema import EMA
 
@@ -73,7 +73,7 @@ def signal_at(at: str, step: int, name: str) -> None:
 def stall(rank: int, step: int, seconds: float) -> None:
     if RANK != rank:
         return
-    real_loss, calls = trainer.edm_loss, [0]
+    real_loss, calls = objective.edm_loss, [0]
 
     def loss(*args, **kwargs):
         calls[0] += 1  # one micro-batch per step and process in these tests: call k is step k
@@ -81,7 +81,7 @@ def stall(rank: int, step: int, seconds: float) -> None:
             time.sleep(seconds)
         return real_loss(*args, **kwargs)
 
-    trainer.edm_loss = loss
+    objective.edm_loss = loss
 
 
 def kill(rank: int, step: int) -> None:

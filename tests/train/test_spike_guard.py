@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from maskdit_fast.train import trainer as trainer_module
+from maskdit_fast.train import objective as objective_module
 from maskdit_fast.train.spike_guard import SpikeGuard
 from maskdit_fast.storage import latest_training_state, load_training_state
 from maskdit_fast.train.trainer import train
@@ -37,7 +37,7 @@ def test_guard_flags_a_loss_far_above_its_running_statistics():
 
 def scale_loss(monkeypatch, calls: set[int], factor: float) -> None:
     """Multiply the loss by ``factor`` on the given (1-based) calls of edm_loss."""
-    real, count = trainer_module.edm_loss, [0]
+    real, count = objective_module.edm_loss, [0]
 
     def scaled(*args, **kwargs):
         terms = real(*args, **kwargs)
@@ -46,7 +46,7 @@ def scale_loss(monkeypatch, calls: set[int], factor: float) -> None:
             terms.loss = terms.loss * factor
         return terms
 
-    monkeypatch.setattr(trainer_module, "edm_loss", scaled)
+    monkeypatch.setattr(objective_module, "edm_loss", scaled)
 
 
 def final(run):
@@ -93,13 +93,13 @@ def test_rollback_undoes_the_steps_since_the_newest_state(tmp_path, monkeypatch,
 
 def record_inputs(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The (images, labels) of every edm_loss call, as the objective gets them (flipped, on the device)."""
-    real, seen = trainer_module.edm_loss, []
+    real, seen = objective_module.edm_loss, []
 
     def recording(net, images, labels, *args, **kwargs):
         seen.append((images.detach().clone(), labels.clone()))
         return real(net, images, labels, *args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "edm_loss", recording)
+    monkeypatch.setattr(objective_module, "edm_loss", recording)
     return seen
 
 

@@ -12,7 +12,7 @@ from maskdit_fast.errors import UserError
 from maskdit_fast.data.sampler import EpochBatches, split_global_batch
 from maskdit_fast.files import atomic_write
 from maskdit_fast.storage import latest_training_state, load_training_state
-from maskdit_fast.train import trainer as trainer_module
+from maskdit_fast.train import objective as objective_module
 from maskdit_fast.train.trainer import learning_rate, train
 from tests.helpers import assert_same_final_state, train_and_crash, tiny_config
 
@@ -110,7 +110,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 
 def poison_loss(monkeypatch, calls: set[int]) -> None:
     """Make the loss NaN on the given (1-based) calls of edm_loss."""
-    real = trainer_module.edm_loss
+    real = objective_module.edm_loss
     count = [0]
 
     def poisoned(*args, **kwargs):
@@ -120,7 +120,7 @@ def poison_loss(monkeypatch, calls: set[int]) -> None:
             terms.loss = terms.loss * float("nan")
         return terms
 
-    monkeypatch.setattr(trainer_module, "edm_loss", poisoned)
+    monkeypatch.setattr(objective_module, "edm_loss", poisoned)
 
 
 def test_nan_loss_stops_with_the_step_and_saves_the_batch(tmp_path, monkeypatch):
