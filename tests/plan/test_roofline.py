@@ -4,6 +4,7 @@ the counter's cost on a whole fake step."""
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 
 import pytest
@@ -16,7 +17,8 @@ from maskdit_fast.config import load_config
 from maskdit_fast.diffusion.edm import build_net
 from maskdit_fast.diffusion.loss import edm_loss
 from maskdit_fast.plan.gpus import GPU
-from maskdit_fast.plan.roofline import OpCounter, gpu_hours, images_per_s, step_time_bound, tensor_bytes
+from maskdit_fast.plan.roofline import (OpCounter, count_training_step, gpu_hours, images_per_s, main,
+                                        step_time_bound, tensor_bytes)
 
 # DiT-XL/2 forward at 256 px, one image: multiply-adds of every matmul and convolution, attention's two
 # matmuls, the embedders and the final layer included (tests/benchmarks/test_measure.py derives it layer
@@ -281,3 +283,45 @@ def test_counting_costs_at_most_twice_the_fake_step(fake_dit_xl2):
     plain = min(step(None) for _ in range(2))
     counted = min(step(OpCounter()) for _ in range(2))
     assert counted < 2 * plain, f"counting took {counted:.2f} s, the fake step alone {plain:.2f} s"
+
+
+@needs_triton
+def test_a_small_training_step_is_counted_in_four_phases():
+    cfg = load_config("imagenet256-pretrain", ["model.size=S", "model.patch_size=8"])
+    counter = count_training_step(cfg, batch=2)
+    assert counter.phases == ["forward", "backward", "optimizer", "ema"]
+    assert counter.flops("backward") == pytest.approx(2 * counter.flops("forward"), rel=0.02)
+    trained = [p for p in build_net(cfg.model).parameters() if p.requires_grad]
+    values = sum(p.numel() for p in trained)
+    every = sum(p.numel() for p in build_net(cfg.model).parameters())
+    # fp32 params r+w, grads r, exp_avg r+w, exp_avg_sq r+w: 28 bytes a value, plus a step count a tensor
+    assert only(counter, "aten._fused_adamw_").bytes == 28 * values + 4 * len(trained)
+    # the EMA reads and writes its copy and reads the model, frozen tensors included
+    assert only(counter, "aten._foreach_lerp_.Scalar").bytes == 3 * 4 * every
+
+
+@needs_triton
+def test_activation_checkpointing_recomputes_the_blocks_in_the_backward_pass():
+    small = ["model.size=S", "model.patch_size=8"]
+    plain = count_training_step(load_config("imagenet256-pretrain", small), batch=2)
+    recomputed = count_training_step(
+        load_config("imagenet256-pretrain", [*small, "train.activation_checkpointing=true"]), batch=2)
+    assert recomputed.flops("forward") == plain.flops("forward")
+    # the blocks' forward again, not the embedders' nor the final layer's
+    assert 0 < recomputed.flops("backward") - plain.flops("backward") < plain.flops("forward")
+
+
+@needs_triton
+def test_the_command_prints_both_bounds_and_their_ratio(capsys):
+    main(["--model", "S/8", "--arch", "maskdit", "dit", "--batch", "2", "--gpus", "8", "--steps", "1000",
+          "--gpu", "h100", "--precision", "fp16", "--no-tf32"])
+    out = json.loads(capsys.readouterr().out)
+    maskdit, dit = out["maskdit"], out["dit"]
+    assert (maskdit["mask_ratio"], dit["mask_ratio"]) == (0.5, 0.0)
+    assert out["maskdit_over_dit"] == maskdit["bound_s_per_step"] / dit["bound_s_per_step"]
+    seconds = dit["bound_s_per_step"]
+    assert dit["images_per_s_at_most"] == pytest.approx(16 / seconds)
+    assert dit["gpu_hours_at_least"] == pytest.approx(seconds * 1000 * 8 / 3600)
+    assert dit["bound"]["gpu"] == "h100-80gb" and dit["bound"]["tf32"] is False
+    # fp16 brings the trainer's grad scaler: an unscale check of the gradients before the optimizer step
+    assert "aten._amp_foreach_non_finite_check_and_unscale_" in {o["name"] for o in dit["bound"]["top_ops"]}
