@@ -10,7 +10,7 @@ GPU: the peak and its parts (parameters, gradients, optimizer states, EMA, activ
 FSDP's gathered parameters), the phase and module of the peak, the headroom left on the GPU, the
 largest micro-batch that fits with and without activation checkpointing, the same figures for the
 other architecture (MaskDiT or the plain DiT) at the same micro-batch, and a roofline lower bound on
-the step time. ``--json PATH`` writes everything.
+the step time (per GPU, for the run's ``train.max_steps``). ``--json PATH`` writes everything.
 """
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ from typing import Any
 from ..config import DIT_SIZES, Config, config_to_dict, load_config
 from ..errors import ArgumentParser, UserError
 from .gpus import DEFAULT_RESERVE_GB, GIB, GPU, GPUS, gpu_named
-from .memory import CATEGORIES, MemoryPlan, plan_memory
+from .memory import MemoryPlan, plan_memory
+from .roofline import OpCounter, gpu_hours, images_per_s, step_time_bound
+from .tracker import CATEGORIES
 from .search import Fit, largest_micro_batch
 
 LABELS = {"parameters": "parameters", "gradients": "gradients", "optimizer": "optimizer states", "ema": "EMA",
@@ -75,8 +77,8 @@ def gib(n: int | float) -> str:
     return f"{n / GIB:.2f}"
 
 
-def plan_run(cfg: Config, gpus: int, gpu: GPU, reserve: int, micro_batch: str | None, search: bool,
-             roofline: bool) -> dict[str, Any]:
+def plan_run(cfg: Config, gpus: int, gpu: GPU, reserve: int, micro_batch: str | None, search: bool
+             ) -> dict[str, Any]:
     """Everything the command prints, as a dict (the JSON)."""
     started = time.perf_counter()
     share = cfg.train.global_batch // gpus
@@ -103,8 +105,9 @@ def plan_run(cfg: Config, gpus: int, gpu: GPU, reserve: int, micro_batch: str | 
         micro = fits[key].micro_batch
     else:
         micro = int(micro_batch) if micro_batch else (cfg.train.micro_batch or share)
-    plan = cached(cfg, gpus, micro)
-    other = cached(other_arch(cfg), gpus, micro)
+    counters = (OpCounter(), OpCounter())
+    plan = plan_memory(cfg, gpus, micro, counter=counters[0])
+    other = plan_memory(other_arch(cfg), gpus, micro, counter=counters[1])
     result = {
         "command": "python -m benchmarks.plan", "gpu": dataclasses.asdict(gpu), "gpus": gpus,
         "reserve_bytes": reserve, "global_batch": cfg.train.global_batch, "per_gpu_batch": share,
@@ -115,19 +118,31 @@ def plan_run(cfg: Config, gpus: int, gpu: GPU, reserve: int, micro_batch: str | 
         "maskdit_over_dit_peak": _ratio(plan, other, "peak"),
         "maskdit_over_dit_activations": _ratio(plan, other, "saved_activations"),
     }
-    if roofline:
-        result["roofline"] = _roofline(cfg, gpus, micro, gpu)
+    bounds = [_bound(p, c, gpu, cfg, gpus) for p, c in zip((plan, other), counters)]
+    result["roofline"] = {"plan": bounds[0], "other_arch": bounds[1],
+                          "maskdit_over_dit": _ratio(*bounds, key="step_s", arch_of=(plan, other))}
     result["seconds"] = time.perf_counter() - started
     return result
 
 
-def _ratio(plan: MemoryPlan, other: MemoryPlan, key: str) -> float:
-    maskdit, dit = (plan, other) if plan.arch == "maskdit" else (other, plan)
-    return getattr(maskdit, key) / getattr(dit, key)
+def _ratio(a: Any, b: Any, key: str, arch_of: tuple[MemoryPlan, MemoryPlan] | None = None) -> float:
+    """MaskDiT's ``key`` over DiT's, of ``a`` and ``b`` (plans, or dicts belonging to the plans ``arch_of``)."""
+    first_is_maskdit = (arch_of[0] if arch_of else a).arch == "maskdit"
+    maskdit, dit = (a, b) if first_is_maskdit else (b, a)
+    value = (lambda x: x[key]) if isinstance(a, dict) else (lambda x: getattr(x, key))
+    return value(maskdit) / value(dit)
 
 
-def _roofline(cfg: Config, gpus: int, micro: int, gpu: GPU) -> dict[str, Any] | None:
-    return None
+def _bound(plan: MemoryPlan, counter: OpCounter, gpu: GPU, cfg: Config, gpus: int) -> dict[str, Any]:
+    """The roofline lower bound of one step of ``plan`` on ``gpu``: the counted last step had
+    min(accumulation, 2) micro-batches; a step runs ``accumulation`` of them."""
+    bound = step_time_bound(counter, gpu, tf32=cfg.train.tf32)
+    per_micro_batch = plan.accumulation / min(plan.accumulation, 2)
+    step_s = sum(p.seconds * (per_micro_batch if name in ("forward", "backward") else 1)
+                 for name, p in bound.phases.items())
+    return {"step_s": step_s, "images_per_s": images_per_s(step_s, cfg.train.global_batch),
+            "gpu_hours": gpu_hours(step_s, cfg.train.max_steps, gpus), "max_steps": cfg.train.max_steps,
+            "counted": bound.to_dict()}
 
 
 def render(result: dict[str, Any]) -> str:
@@ -160,6 +175,13 @@ def render(result: dict[str, Any]) -> str:
             tried = ", ".join(f"{m}: {gib(p)}" for m, p in sorted(fit["tried"].items(), key=lambda kv: int(kv[0])))
             best = fit["micro_batch"] or "none"
             lines.append(f"Largest micro-batch {label} activation checkpointing: {best} (planned peaks, GiB: {tried})")
+    bound = result["roofline"]
+    mine, others = bound["plan"], bound["other_arch"]
+    lines.append(f"Step time on {gpu['name']}, a LOWER bound (roofline: every op at the data-sheet peak of FLOPs or "
+                 f"bandwidth, no communication), not a measurement: {name} {mine['step_s'] * 1e3:.1f} ms, {other_name} "
+                 f"{others['step_s'] * 1e3:.1f} ms per step (MaskDiT / DiT {bound['maskdit_over_dit']:.3f}); {name}: at "
+                 f"most {mine['images_per_s']:.0f} images/s, at least {mine['gpu_hours']:.0f} GPU-hours for "
+                 f"{mine['max_steps']} steps on {result['gpus']} GPUs")
     for note in plan["fallbacks"]:
         lines.append(f"Note: {note}")
     lines.append(f"Planned on fake tensors on the CPU path in {result['seconds']:.1f} s (docs/planning.md says what "
@@ -201,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = build_config(args)
         gpu = gpu_named(args.gpu, args.memory_gb)
         result = plan_run(cfg, args.gpus, gpu, int(args.reserve_gb * GIB), args.micro_batch,
-                          search=not args.no_search, roofline=True)
+                          search=not args.no_search)
         print(render(result))
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -51,8 +51,9 @@ from ..train.ema import EMA
 from ..train.loop import MicroBatch
 from ..train.objective import maskdit_objective
 from ..train.optimizer import build_optimizer
-from ..train.parallel import parallelize
-from .tracker import CATEGORIES, CUDA_ROUNDING, MemoryTracker, Peak
+from ..train.parallel import clip_grad_norm, parallelize
+from .roofline import OpCounter
+from .tracker import CUDA_ROUNDING, MemoryTracker, Peak
 
 STATE_CATEGORIES = ("parameters", "gradients", "optimizer", "ema")
 
@@ -96,7 +97,8 @@ class MemoryPlan:
 
 
 def plan_memory(cfg: Config, world_size: int = 1, micro_batch: int | None = None, device: str = "cuda",
-                steps: int = 2, fake: bool = True, mask_ratio: float | None = None) -> MemoryPlan:
+                steps: int = 2, fake: bool = True, mask_ratio: float | None = None,
+                counter: OpCounter | None = None) -> MemoryPlan:
     """Run ``steps`` training steps of ``cfg`` on fake tensors as rank 0 of ``world_size`` and return
     what it holds. ``micro_batch``: samples per forward pass (None: ``train.micro_batch``, else the
     whole share of the global batch); a step runs two micro-batches when it has two or more (the second
@@ -104,7 +106,8 @@ def plan_memory(cfg: Config, world_size: int = 1, micro_batch: int | None = None
     path planned, ``cuda`` or ``cpu`` (module docstring). ``fake=False`` runs the CPU path on real
     tensors instead (one process; what the tests compare the fake run with). ``mask_ratio``: MaskDiT's
     ratio in the planned steps; None: that of the run's phase that needs the most memory (unmasked,
-    when the run has unmasked steps: every token then goes through the encoder)."""
+    when the run has unmasked steps: every token then goes through the encoder). ``counter``: counts
+    the ops of the last step (:mod:`.roofline`; its phases are those of the plan), when given."""
     if not fake and (device != "cpu" or world_size > 1):
         raise ValueError("a real run (fake=False) plans the CPU path of one process only")
     t = cfg.train
@@ -121,7 +124,7 @@ def plan_memory(cfg: Config, world_size: int = 1, micro_batch: int | None = None
     with kernels.backend(backend), _fake_process_group(t.parallel, world_size), FakeTensorMode() if fake else contextlib.nullcontext(), \
             MemoryTracker(CUDA_ROUNDING if device == "cuda" else 1) as tracker, _fsdp_instrumented(tracker):
         peaks, saved, state, count = _run_steps(cfg, tracker, world_size, micro, accumulation, precision, target,
-                                                steps, mask_ratio)
+                                                steps, mask_ratio, counter)
     peak = tracker.peak
     return MemoryPlan(
         arch=cfg.model.arch, size=_size_name(cfg), mask_ratio=mask_ratio, micro_batch=micro, accumulation=accumulation,
@@ -168,7 +171,8 @@ def _fake_process_group(parallel: str, world_size: int) -> Iterator[None]:
 
 
 def _run_steps(cfg: Config, tracker: MemoryTracker, world_size: int, micro: int, accumulation: int, precision: str,
-               device: torch.device, steps: int, mask_ratio: float) -> tuple[list[Peak], int, dict[str, int], int]:
+               device: torch.device, steps: int, mask_ratio: float, counter: OpCounter | None
+               ) -> tuple[list[Peak], int, dict[str, int], int]:
     """The trainer's objects and steps (see :func:`maskdit_fast.train.loop.train_loop`), on fake tensors."""
     t, m = cfg.train, cfg.model
     net = build_net(m).train()
@@ -185,33 +189,48 @@ def _run_steps(cfg: Config, tracker: MemoryTracker, world_size: int, micro: int,
         _assign_gradients(net, tracker)
     _tag_gradients(net, tracker)
     optimizer = build_optimizer([{"params": list(net.parameters()), "lr_scale": 1.0}], t, device)
+    scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
     loss_fn = maskdit_objective(cfg, lambda step: mask_ratio)
     autocast = autocast_for(precision, torch.device("cpu"))
     simulated = min(accumulation, 2)
     labels = m.num_classes > 0
     peaks, saved = [], 0
     for step in range(steps):
+        counting = counter if step == steps - 1 else None
         tracker.peak = Peak()
         for j in range(simulated):
             images = torch.empty(micro, m.in_channels, m.input_size, m.input_size)
-            batch = MicroBatch(j, torch.arange(micro), images, torch.zeros(micro, dtype=torch.long) if labels else None)
-            with tracker.phase("forward"), autocast:
+            batch = MicroBatch(j, torch.arange(micro), images,
+                               torch.zeros(micro, dtype=torch.long) if labels else None)
+            with _phase(tracker, counting, "forward"), autocast:
                 loss, _ = loss_fn(wrapped, batch, step)
             saved = tracker.bytes_of("activations")
-            with tracker.phase("backward"):
-                (loss / accumulation).backward()
+            with _phase(tracker, counting, "backward"):
+                scaler.scale(loss / accumulation).backward()
             del loss
         _assign_gradients(net, tracker)
-        with tracker.phase("optimizer"):
-            optimizer.step()
+        with _phase(tracker, counting, "optimizer"):
+            if t.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                clip_grad_norm(net.parameters(), t.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
         tracker.assign([v for s in optimizer.state.values() for v in s.values()], "optimizer")
         state = {c: tracker.bytes_of(c) for c in STATE_CATEGORIES}
         optimizer.zero_grad(set_to_none=not emulate_ddp)
-        with tracker.phase("ema"):
+        with _phase(tracker, counting, "ema"):
             ema.update(wrapped, step)
         peaks.append(tracker.peak)
     tracker.peak = max(peaks, key=lambda p: p.bytes)
     return peaks, saved, state, count
+
+
+@contextlib.contextmanager
+def _phase(tracker: MemoryTracker, counter: OpCounter | None, name: str) -> Iterator[None]:
+    """Phase ``name`` of the step for the tracker, and for the counter (counting inside only) if given."""
+    with tracker.phase(name), (counter if counter is not None else contextlib.nullcontext()), \
+            (counter.phase(name) if counter is not None else contextlib.nullcontext()):
+        yield
 
 
 def _without_ddp(cfg: Config) -> Config:

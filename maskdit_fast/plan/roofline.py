@@ -9,24 +9,21 @@ This is a LOWER bound, not an estimate: no kernel reaches the data-sheet peaks, 
 not overlap perfectly, kernel launches and host work cost time, and collectives (FSDP / DDP
 communication) are left out. A measured step is slower; ``measured / bound`` says by how much.
 
-``python -m maskdit_fast.plan.roofline --model XL/2 --arch maskdit dit --batch 32 --gpu a100-80gb``
-runs one fake training step per architecture and prints the bounds as JSON.
+:func:`maskdit_fast.plan.memory.plan_memory` counts the last of its fake training steps with an
+``OpCounter`` when given one; ``python -m benchmarks.plan`` prints the bound of the planned run.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
-import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch._guards import active_fake_mode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from .gpus import GPU, gpu_named
+from .gpus import GPU
 
 if torch.distributed.is_available():
     from torch.distributed.tensor import DTensor
@@ -392,104 +389,3 @@ def gpu_hours(bound_s_per_step: float, steps: int, gpus: int) -> float:
     """GPU-hours of ``steps`` steps of ``bound_s_per_step`` seconds each on ``gpus`` GPUs (wall time x
     GPUs); a lower bound when the step time is."""
     return bound_s_per_step * steps * gpus / 3600
-
-
-# ---------------------------------------------------------------------------------------------------
-# One fake training step of the package, counted
-
-
-def count_training_step(cfg, batch: int, precision: str = "bf16") -> OpCounter:
-    """Count one training step of ``cfg`` on one GPU with a micro-batch of ``batch`` images, on fake
-    tensors (no memory, no GPU): the EDM loss forward (mask ratio ``cfg.model.mask_ratio``) under
-    ``precision`` autocast (fp16: with the trainer's grad scaler), backward, fused AdamW, EMA, with the
-    Triton ops' fake kernels, and each block recomputed in the backward pass when
-    ``cfg.train.activation_checkpointing``. Phases:
-    forward, backward, optimizer, ema. One process: ``train.parallel`` and ``train.compile`` are not
-    applied (the bound counts the eager ops). A first step runs uncounted, so that the optimizer's
-    state exists as in every later step."""
-    import kernels
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from ..diffusion.edm import build_net
-    from ..diffusion.loss import edm_loss
-    from ..models.precision import AUTOCAST_DTYPES
-    from ..train.ema import EMA
-    from ..train.parallel import parallelize
-
-    t, m = cfg.train, cfg.model
-    autocast = (torch.autocast("cpu", dtype=AUTOCAST_DTYPES[precision]) if precision in AUTOCAST_DTYPES
-                else contextlib.nullcontext())
-    one_process = replace(cfg, train=replace(t, parallel="none", compile=False))
-    with kernels.backend("triton"), FakeTensorMode():
-        raw = build_net(m).train()
-        ema = EMA(raw, t.ema_decay, average=build_net(m))
-        net = parallelize(raw, ema.model, one_process, precision, torch.device("cpu"), 1, 1)
-        optimizer = torch.optim.AdamW([p for p in raw.parameters() if p.requires_grad], lr=t.lr,
-                                      betas=tuple(t.betas), weight_decay=t.weight_decay, fused=True)
-        scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
-        images = torch.empty(batch, m.in_channels, m.input_size, m.input_size)
-        labels = torch.zeros(batch, dtype=torch.long)
-        counter = OpCounter()
-        for counted in (False, True):
-            with counter if counted else contextlib.nullcontext():  # phases of the first step record nothing
-                with counter.phase("forward"), autocast:
-                    loss = edm_loss(net, images, labels, m.mask_ratio, cfg.loss, m).loss.mean()
-                with counter.phase("backward"):
-                    scaler.scale(loss).backward()
-                with counter.phase("optimizer"):
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                with counter.phase("ema"):
-                    ema.update(raw, step=1)
-    return counter
-
-
-def _config(model: str, arch: str, mask_ratio: float | None, overrides: Sequence[str] = ()):
-    from ..config import load_config
-
-    size, patch = model.split("/")
-    ratio = (0.5 if arch == "maskdit" else 0.0) if mask_ratio is None else mask_ratio
-    return load_config("imagenet256-pretrain", [f"model.arch={arch}", f"model.size={size}", f"model.patch_size={patch}",
-                                                f"model.mask_ratio={ratio}", *overrides])
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m maskdit_fast.plan.roofline", description=(
-        "Roofline LOWER bound on the per-GPU time of one training step (ImageNet-256 latents), counted on "
-        "fake tensors; prints JSON."))
-    parser.add_argument("--model", default="XL/2", help="size/patch, e.g. XL/2, B/2")
-    parser.add_argument("--arch", nargs="+", default=["maskdit", "dit"], choices=["maskdit", "dit"])
-    parser.add_argument("--mask-ratio", type=float, default=None, help="MaskDiT's (default 0.5; DiT: 0)")
-    parser.add_argument("--batch", type=int, default=32, help="micro-batch per GPU")
-    parser.add_argument("--gpu", default="a100-80gb")
-    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
-    parser.add_argument("--no-tf32", dest="tf32", action="store_false", help="fp32 matmuls at the FP32 peak")
-    parser.add_argument("--gpus", type=int, default=1, help="GPUs of the run (global batch = batch x gpus)")
-    parser.add_argument("--steps", type=int, default=None, help="steps of the run (default: the preset's)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="config overrides, e.g. train.activation_checkpointing=true")
-    args = parser.parse_args(argv)
-    gpu = gpu_named(args.gpu)
-    results = {}
-    for arch in args.arch:
-        cfg = _config(args.model, arch, args.mask_ratio if arch == "maskdit" else None, args.set)
-        start = time.perf_counter()
-        counter = count_training_step(cfg, args.batch, args.precision)
-        counted_s = time.perf_counter() - start
-        bound = step_time_bound(counter, gpu, tf32=args.tf32)
-        steps = args.steps or cfg.train.max_steps
-        results[arch] = {
-            "model": args.model, "mask_ratio": cfg.model.mask_ratio, "batch_per_gpu": args.batch,
-            "gpus": args.gpus, "precision": args.precision, "overrides": args.set, "steps": steps,
-            "bound_s_per_step": bound.seconds, "bound_steps_per_s": 1 / bound.seconds,
-            "images_per_s_at_most": images_per_s(bound.seconds, args.batch * args.gpus),
-            "gpu_hours_at_least": gpu_hours(bound.seconds, steps, args.gpus),
-            "counting_s": counted_s, "bound": bound.to_dict()}
-    if {"maskdit", "dit"} <= results.keys():
-        results["maskdit_over_dit"] = results["maskdit"]["bound_s_per_step"] / results["dit"]["bound_s_per_step"]
-    print(json.dumps(results, indent=2))
-
-
-if __name__ == "__main__":
-    main()

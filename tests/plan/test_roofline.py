@@ -17,8 +17,9 @@ from maskdit_fast.config import load_config
 from maskdit_fast.diffusion.edm import build_net
 from maskdit_fast.diffusion.loss import edm_loss
 from maskdit_fast.plan.gpus import GPU
-from maskdit_fast.plan.roofline import (OpCounter, count_training_step, gpu_hours, images_per_s, main,
-                                        step_time_bound, tensor_bytes)
+from maskdit_fast.plan.cli import main
+from maskdit_fast.plan.memory import plan_memory
+from maskdit_fast.plan.roofline import OpCounter, gpu_hours, images_per_s, step_time_bound, tensor_bytes
 
 # DiT-XL/2 forward at 256 px, one image: multiply-adds of every matmul and convolution, attention's two
 # matmuls, the embedders and the final layer included (tests/benchmarks/test_measure.py derives it layer
@@ -285,9 +286,19 @@ def test_counting_costs_at_most_twice_the_fake_step(fake_dit_xl2):
     assert counted < 2 * plain, f"counting took {counted:.2f} s, the fake step alone {plain:.2f} s"
 
 
+def count_training_step(cfg, batch: int) -> OpCounter:
+    """The ops of the planner's second (steady-state) fake training step."""
+    counter = OpCounter()
+    plan_memory(cfg, 1, batch, counter=counter)
+    return counter
+
+
+SMALL = ["model.size=S", "model.patch_size=8", "train.global_batch=2"]
+
+
 @needs_triton
 def test_a_small_training_step_is_counted_in_four_phases():
-    cfg = load_config("imagenet256-pretrain", ["model.size=S", "model.patch_size=8"])
+    cfg = load_config("imagenet256-pretrain", SMALL)
     counter = count_training_step(cfg, batch=2)
     assert counter.phases == ["forward", "backward", "optimizer", "ema"]
     assert counter.flops("backward") == pytest.approx(2 * counter.flops("forward"), rel=0.02)
@@ -302,26 +313,27 @@ def test_a_small_training_step_is_counted_in_four_phases():
 
 @needs_triton
 def test_activation_checkpointing_recomputes_the_blocks_in_the_backward_pass():
-    small = ["model.size=S", "model.patch_size=8"]
-    plain = count_training_step(load_config("imagenet256-pretrain", small), batch=2)
+    plain = count_training_step(load_config("imagenet256-pretrain", SMALL), batch=2)
     recomputed = count_training_step(
-        load_config("imagenet256-pretrain", [*small, "train.activation_checkpointing=true"]), batch=2)
+        load_config("imagenet256-pretrain", [*SMALL, "train.activation_checkpointing=true"]), batch=2)
     assert recomputed.flops("forward") == plain.flops("forward")
     # the blocks' forward again, not the embedders' nor the final layer's
     assert 0 < recomputed.flops("backward") - plain.flops("backward") < plain.flops("forward")
 
 
 @needs_triton
-def test_the_command_prints_both_bounds_and_their_ratio(capsys):
-    main(["--model", "S/8", "--arch", "maskdit", "dit", "--batch", "2", "--gpus", "8", "--steps", "1000",
-          "--gpu", "h100", "--precision", "fp16", "--no-tf32"])
-    out = json.loads(capsys.readouterr().out)
-    maskdit, dit = out["maskdit"], out["dit"]
-    assert (maskdit["mask_ratio"], dit["mask_ratio"]) == (0.5, 0.0)
-    assert out["maskdit_over_dit"] == maskdit["bound_s_per_step"] / dit["bound_s_per_step"]
-    seconds = dit["bound_s_per_step"]
-    assert dit["images_per_s_at_most"] == pytest.approx(16 / seconds)
-    assert dit["gpu_hours_at_least"] == pytest.approx(seconds * 1000 * 8 / 3600)
-    assert dit["bound"]["gpu"] == "h100-80gb" and dit["bound"]["tf32"] is False
+def test_the_plan_command_bounds_both_architectures(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    main(["--model", "S/8", "--arch", "dit", "--global-batch", "16", "--gpus", "8", "--gpu", "h100",
+          "--precision", "fp16", "--no-search", "--json", str(out), "train.tf32=false", "train.max_steps=1000"])
+    assert "a LOWER bound" in capsys.readouterr().out
+    bounds = json.loads(out.read_text())["roofline"]
+    dit, maskdit = bounds["plan"], bounds["other_arch"]
+    assert bounds["maskdit_over_dit"] == maskdit["step_s"] / dit["step_s"]
+    seconds = dit["step_s"]
+    assert seconds == pytest.approx(sum(p["seconds"] for p in dit["counted"]["phases"].values()))  # one micro-batch
+    assert dit["images_per_s"] == pytest.approx(16 / seconds)
+    assert dit["gpu_hours"] == pytest.approx(seconds * 1000 * 8 / 3600)
+    assert dit["counted"]["gpu"] == "h100-80gb" and dit["counted"]["tf32"] is False
     # fp16 brings the trainer's grad scaler: an unscale check of the gradients before the optimizer step
-    assert "aten._amp_foreach_non_finite_check_and_unscale_" in {o["name"] for o in dit["bound"]["top_ops"]}
+    assert "aten._amp_foreach_non_finite_check_and_unscale_" in {o["name"] for o in dit["counted"]["top_ops"]}
