@@ -8,20 +8,21 @@
 #   bash benchmarks/gpu_validation.sh core    # what the open issues need first: static kernel report
 #                                             # for this GPU, kernel tests, XL/2
 #                                             # report, DyDiT XL/2, loaders, XL/2 MaskDiT profile
-#   bash benchmarks/gpu_validation.sh more    # the rest of the suite on the GPU, kernels, B/2 + L/2,
-#                                             # DiT profile, MNIST bf16 runs, XL/2 torch.compile
+#   bash benchmarks/gpu_validation.sh more    # one optimizer step at XL/2 (AdamW vs apex FusedAdam), the
+#                                             # rest of the suite on the GPU, kernels, B/2 + L/2, DiT
+#                                             # profile, MNIST bf16 runs, XL/2 torch.compile
 #   bash benchmarks/gpu_validation.sh sweep   # the batch sweep of DiT and MaskDiT (kernels off/on) at
 #                                             # XL/2 and each one's largest batch within 40 GiB
 #   bash benchmarks/gpu_validation.sh smoke   # CPU, tiny shapes: checks every command of this script
 #
-# Step limits add up to under 500 s per GPU phase. With the device tool: carry [".whl"] (omegaconf,
-# antlr4, diffusers, importlib-metadata, lazy-importer wheels for Python 3.12; see
-# benchmarks/results/README.md) and timeout_s 540 (wheel install and slack). A session's 15 device
-# minutes hold the machine's start, core, and part of more (ONLY=...). A failed step does not stop
-# the others. After every step $OUT/summary-PHASE.md (steps, exit codes, seconds, headlines) and
-# $OUT/results-PHASE.tar.gz (logs, JSON, markdown, pictures) are rewritten, so a call cut short still
-# returns what finished. Without $OUT they go to ./gpu-validation-out. ONLY="step step ..." runs only
-# the named steps of the phase (e.g. to repeat one that failed).
+# Step limits add up to 490 s (core), 525 s (more) and 480 s (sweep). With the device tool: carry
+# [".whl"] (omegaconf, antlr4, diffusers, importlib-metadata, lazy-importer wheels for Python 3.12;
+# see benchmarks/results/README.md) and timeout_s 540 (600 for more: wheel install and slack). A
+# session's 15 device minutes hold the machine's start, core, and part of more (ONLY=...). A failed
+# step does not stop the others. After every step $OUT/summary-PHASE.md (steps, exit codes, seconds,
+# headlines) and $OUT/results-PHASE.tar.gz (logs, JSON, markdown, pictures) are rewritten, so a call
+# cut short still returns what finished. Without $OUT they go to ./gpu-validation-out. ONLY="step
+# step ..." runs only the named steps of the phase (e.g. to repeat one that failed).
 set -uo pipefail
 phase=${1:-core}
 case $phase in core|more|sweep|smoke) ;; *) echo "usage: $0 core|more|sweep|smoke" >&2; exit 2 ;; esac
@@ -178,6 +179,9 @@ core)
 more)
   headline "$WORK/mnist.log" "apart"
   headline "$WORK/report-xl2-compiled/report.md" "^- (fastest|highest)"
+  headline "$WORK/optimizer-step-xl2.log" "^\\{"
+  step optimizer-step-xl2 30 $PY -m benchmarks.optimizer_step --device cuda --model XL/2 \
+    --json "$WORK/optimizer-step-xl2.json"
   step tests-rest 150 $PY -m pytest -q -p no:cacheprovider "${XDIST[@]}" tests --ignore tests/kernels
   step kernels-bf16 45 $PY -m benchmarks.kernels.bench --dtype bf16 --json "$WORK/kernels-bf16.json"
   step report-b2-l2 70 $PY -m benchmarks.report --device cuda --models B/2,L/2 --batch 64 \
@@ -207,6 +211,7 @@ smoke)
   headline "$WORK/loaders.log" "loader on|XL/2 training|no core-phase"
   headline "$WORK/mnist.log" "apart"
   headline "$WORK/static-kernels.log" "targets missed"
+  headline "$WORK/optimizer-step.log" "^\\{"
   step env 60 env_info
   step static-kernels 600 static_report
   step tests-kernels 600 $PY -m pytest -q -p no:cacheprovider tests/dydit/test_tokens.py
@@ -215,6 +220,7 @@ smoke)
   step loaders 120 loaders_vs_step 2000 64 1
   step profile 120 $PY -m benchmarks.profile_step --tiny --variant mask50 --out "$WORK/profile-tiny"
   step kernels 300 $PY -m benchmarks.kernels.bench --tiny --json "$WORK/kernels.json"
+  step optimizer-step 120 $PY -m benchmarks.optimizer_step --tiny --json "$WORK/optimizer-step.json"
   step mnist 900 mnist_runs 12 0 "train.log_every=2 train.global_batch=4 sample.num_steps=2 sample.grid_per_class=1 model.depth=2 model.hidden_size=64 model.decoder_depth=1"
   package
   ;;

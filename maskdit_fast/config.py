@@ -189,6 +189,8 @@ class TrainConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    optimizer: str = "adamw"           # adamw (torch's, fused on CUDA) | apex_fused_adam (NVIDIA apex's FusedAdam,
+                                       # the official MaskDiT's; CUDA, apex built from source: docs/install.md)
     grad_clip: float = 0.0             # 0 = off
     ema_decay: float = 0.9999
     ema_warmup: bool = False           # decay = min(ema_decay, (1+step)/(10+step)) for short runs
@@ -233,6 +235,11 @@ class TrainConfig:
         _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
         _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas", "needs two values in [0, 1)")
+        _one_of(self.optimizer, "train.optimizer", ("adamw", "apex_fused_adam"))
+        # FSDP2's parameters are DTensors; apex's multi-tensor kernels take plain CUDA tensors
+        _require(self.optimizer == "adamw" or self.parallel != "fsdp", "train.optimizer",
+                 "apex_fused_adam updates plain CUDA tensors, not FSDP2's sharded DTensors: use train.optimizer=adamw "
+                 "with train.parallel=fsdp")
         _require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = off)")
         _require(0 <= self.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         _require(self.unmasked_steps >= 0, "train.unmasked_steps", "must be >= 0")

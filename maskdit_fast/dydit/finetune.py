@@ -46,6 +46,7 @@ from ..models.precision import resolve_precision
 from ..train.ema import EMA
 from ..train.loop import (LossFn, MicroBatch, Run, check_run_dir, replace_data_vae, resumed_micro_batch,
                           train_loop)
+from ..train.optimizer import check_optimizer
 from ..train.preemption import PREEMPTED_EXIT, Preempted, resume_after_restart, stop_signals
 from ..train.run_lock import RunLock
 from .checkpoint import save_dydit
@@ -184,6 +185,7 @@ def _finetune(cfg: DyDiTRunConfig, init: Path, out_dir: Path, env: Dist, lock: R
               resume: bool) -> Path:
     t = cfg.train
     device = env.device
+    check_optimizer(t, device)  # apex_fused_adam without apex or a GPU: a user error before anything is read
     state_path = check_run_dir(out_dir, resume, lock)
     precision = resolve_precision(t.precision, device)
     if precision == "fp16":

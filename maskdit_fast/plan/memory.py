@@ -21,6 +21,8 @@ tensors. What that changes (docs/planning.md measures each):
 - DDP is not run but emulated: its gradient buckets hold every gradient from the start
   (``gradient_as_bucket_view``), so the gradients are allocated before the first forward pass and
   never freed; the all-reduce works in place;
+- ``train.optimizer=apex_fused_adam`` is planned as torch's fused AdamW (apex needs a GPU): the
+  same moments, plus AdamW's step count per tensor (4 bytes each);
 - the caching allocator's fragmentation, the CUDA context and library workspaces are not counted:
   the planner keeps back a reserve for them (:data:`~maskdit_fast.plan.gpus.DEFAULT_RESERVE_GB`).
 
@@ -120,6 +122,9 @@ def plan_memory(cfg: Config, world_size: int = 1, micro_batch: int | None = None
     backend, fallbacks = _kernel_backend(cfg.model.kernels, device)
     if t.parallel == "ddp" and world_size > 1:
         fallbacks.append("DDP emulated: gradients held from the start as in its buckets, no reducer run")
+    if t.optimizer == "apex_fused_adam":
+        fallbacks.append("apex FusedAdam planned as torch's fused AdamW: the same two moments per parameter; "
+                         "AdamW adds a 4-byte step count per tensor")
     started = time.perf_counter()
     with kernels.backend(backend), _fake_process_group(t.parallel, world_size), FakeTensorMode() if fake else contextlib.nullcontext(), \
             MemoryTracker(CUDA_ROUNDING if device == "cuda" else 1) as tracker, _fsdp_instrumented(tracker):
@@ -188,7 +193,8 @@ def _run_steps(cfg: Config, tracker: MemoryTracker, world_size: int, micro: int,
             p.grad = torch.zeros_like(p)
         _assign_gradients(net, tracker)
     _tag_gradients(net, tracker)
-    optimizer = build_optimizer([{"params": list(net.parameters()), "lr_scale": 1.0}], t, device)
+    # apex's FusedAdam (CUDA only) keeps the same two moments: planned as the fused AdamW (module docstring)
+    optimizer = build_optimizer([{"params": list(net.parameters())}], dataclasses.replace(t, optimizer="adamw"), device)
     scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
     loss_fn = maskdit_objective(cfg, lambda step: mask_ratio)
     autocast = autocast_for(precision, torch.device("cpu"))

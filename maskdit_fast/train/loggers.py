@@ -11,13 +11,22 @@
 A resumed run continues in the same places: ``metrics.jsonl`` loses the rows after the training state,
 TensorBoard's writer opens the same folder with ``purge_step`` (readers drop the older events from that
 step on) and W&B resumes the run of the stored id.
+
+Before every training state the loop flushes the loggers, so that what was logged up to that state
+survives a crash after it (a SIGKILL included): the JSONL file and TensorBoard's events are written by
+this process; W&B's rows are written by its service process (wandb-core), which keeps them in a buffer
+and dies with this process. Its flush therefore sends the last step's row (wandb holds a step's row
+until the next step begins) and waits until the service has written it to the run's ``.wandb`` file.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import secrets
 import string
+import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +36,12 @@ from PIL import Image
 from ..errors import UserError
 from ..files import atomic_write
 
+log = logging.getLogger(__name__)
+
 _PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # logger -> the package (and the extra) it needs
 WANDB_ID_FILE = "wandb_id.txt"
+WANDB_WRITE_INTERVAL_S = 0.5  # wandb-core writes its buffered records to the .wandb file this often (default 15)
+WANDB_FLUSH_TIMEOUT_S = 10.0  # how long a flush waits for them before it warns and lets the run go on
 
 
 def require_packages(names: list[str]) -> None:
@@ -116,6 +129,52 @@ class TensorBoardLogger:
         self.writer.close()
 
 
+class WandbRecords:
+    """The history steps in a W&B run's ``.wandb`` file, as far as wandb-core has written it. The file is
+    LevelDB's log format: a 7-byte file header, then 32 KiB blocks of chunks, each with a 7-byte header
+    (crc32, length, type: FULL=1, FIRST=2, MIDDLE=3, LAST=4; a block's tail too short for a header is
+    padding); a record, one FULL chunk or FIRST, MIDDLE..., LAST, is a protobuf ``Record``."""
+
+    BLOCK, HEADER = 32768, 7
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.pos = self.HEADER  # where the next whole record starts (read on from here)
+        self.last_step = -1
+
+    def last_history_step(self) -> int:
+        """The largest step of the history records on disk so far (-1: none)."""
+        from wandb.proto.wandb_internal_pb2 import Record
+
+        base = self.pos  # the file offset of data[0]
+        try:
+            with self.path.open("rb") as f:
+                f.seek(base)
+                data = f.read()
+        except FileNotFoundError:
+            return self.last_step
+        pos, record = base, b""
+        while True:
+            room = self.BLOCK - pos % self.BLOCK
+            if room < self.HEADER:
+                pos += room
+                continue
+            at = pos - base
+            if at + self.HEADER > len(data):
+                break
+            length, kind = struct.unpack("<HB", data[at + 4:at + self.HEADER])
+            if kind == 0 or at + self.HEADER + length > len(data):  # not (all) on disk yet
+                break
+            record += data[at + self.HEADER:at + self.HEADER + length]
+            pos += self.HEADER + length
+            if kind in (1, 4):
+                parsed = Record.FromString(record)
+                if parsed.WhichOneof("record_type") == "history":
+                    self.last_step = max(self.last_step, parsed.history.step.num)
+                record, self.pos = b"", pos
+        return self.last_step
+
+
 class WandbLogger:
     def __init__(self, out_dir: Path, run_config: dict[str, Any], project: str, entity: str | None) -> None:
         import wandb
@@ -127,17 +186,40 @@ class WandbLogger:
             run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # wandb's form
             atomic_write(id_file, lambda tmp: tmp.write_text(run_id + "\n"))
         self.wandb = wandb
+        # wandb-core writes the .wandb file periodically where wandb has this setting (0.31 has, 0.28 had not;
+        # without it: when a 32 KiB block fills, or at the end)
+        periodic = "x_transaction_log_flush_interval" in getattr(wandb.Settings, "model_fields", {})
+        settings = wandb.Settings(x_transaction_log_flush_interval=WANDB_WRITE_INTERVAL_S) if periodic else None
         self.run = wandb.init(project=project, entity=entity, id=run_id, resume="allow", dir=str(out_dir),
-                              name=out_dir.name, config=run_config)
+                              name=out_dir.name, config=run_config, settings=settings)
+        written = periodic and not getattr(self.run.settings, "x_skip_transaction_log", False)
+        self.records = WandbRecords(Path(self.run.settings.sync_file)) if written else None
+        self.unsent: int | None = None  # the step logged last, until flush() sends it
 
     def log(self, row: dict[str, Any]) -> None:
         self.run.log({key: value for key, value in row.items() if key != "step"}, step=row["step"])
+        self.unsent = row["step"]
 
     def image(self, tag: str, path: Path, step: int) -> None:
         self.run.log({tag: self.wandb.Image(str(path))}, step=step)
+        self.unsent = step
 
     def flush(self) -> None:
-        pass  # wandb writes in its own process
+        """Send the last step's row and wait until wandb-core has written it to the ``.wandb`` file (nothing
+        may be logged at that step afterwards: wandb drops it)."""
+        if self.unsent is None:
+            return
+        step, self.unsent = self.unsent, None
+        self.run.log({}, commit=True)  # only when there is a row: a commit of nothing is an empty row
+        if self.records is None:
+            return
+        deadline = time.monotonic() + WANDB_FLUSH_TIMEOUT_S
+        while self.records.last_history_step() < step:
+            if time.monotonic() > deadline:
+                log.warning("W&B: step %d is not in %s after %.0f s; a crash now would lose its rows", step,
+                            self.records.path, WANDB_FLUSH_TIMEOUT_S)
+                return
+            time.sleep(0.02)
 
     def close(self) -> None:
         self.run.finish()

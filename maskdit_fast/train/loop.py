@@ -53,7 +53,7 @@ from ..storage import (latest_intact_training_state, latest_training_state, load
                        set_training_state)
 from .ema import EMA
 from .loggers import Loggers, require_packages
-from .optimizer import build_optimizer
+from .optimizer import build_optimizer, set_learning_rate
 from .parallel import clip_grad_norm, gradient_sync, parallelize
 from .preemption import PREEMPTED_EXIT, Preempted, StopSignals, stop_signals
 from .resume_config import check_resumable
@@ -188,8 +188,9 @@ class Run:
     """What a use of the loop provides. ``cfg``: the run's config (``cfg.train`` drives the loop);
     ``run_config``: what is saved with every state and checked on resume (the config as a dict, plus
     e.g. the DyDiT fine-tune's ``init``); ``raw``/``ema``: the network (initialised) and its EMA;
-    ``param_groups(raw)``: AdamW groups (an ``lr_scale`` entry scales a group's learning rate), called
-    after sharding; ``build``: a fresh unsharded network (rank 0 gathers a sharded EMA into it);
+    ``param_groups(raw)``: the optimizer's groups (an ``lr_scale`` entry scales a group's learning rate,
+    :mod:`.optimizer`), called after sharding; ``build``: a fresh unsharded network (rank 0 gathers a
+    sharded EMA into it);
     ``after_step(step, ema_net)`` (one process only): called after every step, outside the img/s clock;
     True ends the run after that step, without a final checkpoint (wall-clock-budgeted runs);
     ``memory_check``: compares the first steps' real peak with the memory planner's."""
@@ -254,8 +255,7 @@ def _train_steps(run: Run, out_dir: Path, env: Dist, data, precision: str, accum
     split = env.world_size * accumulation > 1  # else: one continuous RNG stream, as in a plain run
     raw, ema = run.raw, run.ema
     net = parallelize(raw, ema.model, cfg, precision, device, env.world_size, accumulation)
-    groups = [{"lr_scale": 1.0, **g} for g in run.param_groups(raw)]
-    optimizer = build_optimizer(groups, t, device)
+    optimizer = build_optimizer(run.param_groups(raw), t, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     rank_key = f"rank{env.rank}"
 
@@ -293,8 +293,7 @@ def _train_steps(run: Run, out_dir: Path, env: Dist, data, precision: str, accum
     for step in bar:
         done = step + 1
         lr = learning_rate(cfg, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
+        set_learning_rate(optimizer, lr)
         step_metrics: dict[str, torch.Tensor] = {}
         batches = []  # this rank's micro-batches, saved if the loss is not finite
         watch.mark(done, "reading its batch")

@@ -20,6 +20,9 @@ RESUMABLE_CHANGES = frozenset({
     "train.spike_action", "train.preempt_signals", "train.collective_timeout_s",
 })
 
+# Keys added by a later version whose value matters to a resume: the value a saved config without them ran with.
+ADDED_KEYS = {"train.optimizer": "adamw"}
+
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}} -> {"a.b": 1}"""
@@ -32,10 +35,17 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _flat_configs(saved: dict[str, Any], now: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(saved, now) flattened; the saved one with the values of :data:`ADDED_KEYS` it lacks (and ``now`` has)."""
+    current = flatten(json.loads(json.dumps(now)))  # tuples compare as the saved lists
+    return {**{k: v for k, v in ADDED_KEYS.items() if k in current}, **flatten(saved)}, current
+
+
 def changed_keys(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """Dotted keys whose values differ between the saved config and the current one (nested dicts),
-    except :data:`RESUMABLE_CHANGES` and keys the saved config lacks (added by a later version)."""
-    then, current = flatten(saved), flatten(json.loads(json.dumps(now)))  # tuples compare as the saved lists
+    except :data:`RESUMABLE_CHANGES` and keys the saved config lacks (added by a later version; those of
+    :data:`ADDED_KEYS` compare with the value they had)."""
+    then, current = _flat_configs(saved, now)
     return sorted(key for key in then.keys() | current.keys()
                   if key not in RESUMABLE_CHANGES and key in then and then[key] != current.get(key))
 
@@ -45,7 +55,7 @@ def check_resumable(path: Path, saved: dict[str, Any], now: dict[str, Any]) -> N
     changed = changed_keys(saved, now)
     if not changed:
         return
-    then, current = flatten(saved), flatten(json.loads(json.dumps(now)))
+    then, current = _flat_configs(saved, now)
     listed = ", ".join(f"{key} ({then[key]!r} then, {current.get(key)!r} now)" for key in changed)
     raise UserError(f"cannot resume {path}: the config differs in {listed}; resume with the same --config and "
                     "overrides, or start a new run in another --out (only "

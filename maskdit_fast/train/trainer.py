@@ -32,6 +32,7 @@ from ..storage import load_training_state, read_meta
 from .ema import EMA
 from .loop import Run, check_run_dir, learning_rate, replace_data_vae, resumed_micro_batch, train_loop
 from .objective import maskdit_objective
+from .optimizer import check_optimizer
 from .preemption import resume_after_restart
 from .run_lock import RunLock
 
@@ -91,6 +92,7 @@ def _train(cfg: Config, out_dir: Path, env: Dist, lock: RunLock, resume: bool, i
     if cfg.model.kernels != "auto":
         kernels.set_backend(cfg.model.kernels)
     check_kernels()  # forced Triton kernels without Triton: a user error before data or model are built
+    check_optimizer(t, device)  # likewise apex_fused_adam without apex or a GPU
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.tf32
     torch.manual_seed(t.seed)  # the same initial weights on every rank

@@ -1,5 +1,6 @@
 """train.loggers through real short trainings: TensorBoard's own reader and W&B's offline run files
-return what metrics.jsonl holds, at the same steps, also across a SIGKILL and --resume."""
+return what metrics.jsonl holds, at the same steps, also across a SIGKILL and --resume (each step once:
+the rows up to the checkpoint in the killed process's files, the others from the resumed process)."""
 import importlib.util
 import json
 import os
@@ -14,6 +15,7 @@ import pytest
 from PIL import Image
 
 from maskdit_fast.cli import train_main
+from maskdit_fast.train.loggers import WandbRecords
 from maskdit_fast.train.trainer import train
 from tests.helpers import tiny_config
 
@@ -182,14 +184,54 @@ def test_a_killed_and_resumed_run_logs_each_step_once_with_the_uninterrupted_val
 
     before, after = wandb_records(out)
     stored = (out / "wandb_id.txt").read_text().strip()
-    # the killed process's offline file keeps what its wandb-core had written (on this machine: nothing)
-    assert wandb_run_ids(after) == [stored] and wandb_run_ids(before) in ([], [stored])
+    assert wandb_run_ids(before) == wandb_run_ids(after) == [stored]
+    # the killed process's offline file holds every row up to the checkpoint of step 3, which the flush
+    # before it made wandb-core write (the row of step 4 was still held by wandb); the resumed run logs the rest
     first, resumed = wandb_history(before), wandb_history(after)
-    assert set(first) <= {1, 2, 3, 4} and sorted(resumed) == [4, 5, 6]
+    assert sorted(first) == [1, 2, 3] and sorted(resumed) == [4, 5, 6]
+    assert [s for s, items in first.items() if items.get("samples/_type") == "image-file"] == [3]
     expected = {r["step"]: r for r in reference}
     for history in (first, resumed):
         for step, items in history.items():
             assert all(items[key] == expected[step][key] for key in EXACT), step
+
+
+def leveldb_log(records: list[bytes]) -> tuple[bytes, list[int]]:
+    """``records`` framed as wandb-core writes its .wandb file (written here from the format: 32 KiB blocks,
+    7-byte chunk headers, FULL=1 FIRST=2 MIDDLE=3 LAST=4, zero padding), and the offset where each ends."""
+    out, ends = bytearray(b":W&B\xe1\xbe\x00"), []
+    for data in records:
+        first = True
+        while True:
+            room = 32768 - len(out) % 32768
+            if room < 7:
+                out += bytes(room)
+                continue
+            chunk, data = data[:room - 7], data[room - 7:]
+            kind = (1 if not data else 2) if first else (4 if not data else 3)
+            out += struct.pack("<IHB", 0, len(chunk), kind) + chunk
+            first = False
+            if not data:
+                break
+        ends.append(len(out))
+    return bytes(out), ends
+
+
+def test_wandb_records_reads_on_as_the_file_grows(tmp_path):
+    records = []
+    for step in range(1, 41):  # rows of ~3 KiB: records cross block boundaries
+        history = wandb_internal_pb2.Record()
+        history.history.step.num = step
+        history.history.item.add(key="loss", value_json=json.dumps([step] * 1000))
+        records += [history.SerializeToString(), wandb_internal_pb2.Record(summary={}).SerializeToString()]
+    data, ends = leveldb_log(records)
+    assert len(data) > 3 * 32768
+    path, reader = tmp_path / "run.wandb", WandbRecords(tmp_path / "run.wandb")
+    assert reader.last_history_step() == -1  # no file yet
+    for cut in (50_000, 50_001, 70_000, len(data)):  # what a periodic write may have put on disk
+        path.write_bytes(data[:cut])
+        whole = sum(end <= cut for end in ends[::2])  # history records wholly on disk
+        assert reader.last_history_step() == whole, cut
 
 
 def test_a_missing_package_is_one_line_naming_the_extra(tmp_path, monkeypatch, capsys):

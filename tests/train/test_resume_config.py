@@ -13,3 +13,10 @@ def test_changed_keys_names_every_change_but_the_allowed_ones():
     check_resumable("RUN", saved, {**saved, "train": {"lr": 1e-4, "max_steps": 30}})
     with pytest.raises(UserError, match=r"model.mask_ratio \(0.5 then, None now\)"):  # a key that went away
         check_resumable("RUN", saved, {"model": {"hidden_size": 32}, "train": saved["train"]})
+
+
+def test_a_state_saved_before_train_optimizer_existed_ran_adamw():
+    saved = {"train": {"lr": 1e-4}}  # written by a version without train.optimizer: AdamW
+    check_resumable("RUN", saved, {"train": {"lr": 1e-4, "optimizer": "adamw"}})
+    with pytest.raises(UserError, match=r"train.optimizer \('adamw' then, 'apex_fused_adam' now\)"):
+        check_resumable("RUN", saved, {"train": {"lr": 1e-4, "optimizer": "apex_fused_adam"}})
