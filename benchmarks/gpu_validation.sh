@@ -5,8 +5,9 @@
 # 0.7/0.5/0.3, loader throughput next to the XL/2 step rate, kernel microbenchmarks, and short bf16
 # MNIST trainings with kernels on and off (same seed: losses must agree) with their sample grids.
 #
-#   bash benchmarks/gpu_validation.sh core    # what the open issues need first: static kernel report
-#                                             # for this GPU, kernel tests, XL/2
+#   bash benchmarks/gpu_validation.sh core    # what the open issues need first: the memory plan against
+#                                             # max_memory_allocated at XL/2 (batches 32, 64), static
+#                                             # kernel report for this GPU, kernel tests, XL/2
 #                                             # report, DyDiT XL/2, loaders, XL/2 MaskDiT profile
 #   bash benchmarks/gpu_validation.sh more    # one optimizer step at XL/2 (AdamW vs apex FusedAdam), the
 #                                             # rest of the suite on the GPU, kernels, B/2 + L/2, DiT
@@ -162,17 +163,20 @@ core)
   headline "$WORK/dydit-xl2.md" "^\| "
   headline "$WORK/loaders.log" "loader on|XL/2 training|no core-phase"
   headline "$WORK/static-kernels.log" "targets missed"
+  headline "$WORK/plan-xl2.log" "^\\| (dit|maskdit) "
   step env 20 env_info
+  step plan-xl2 40 $PY -m benchmarks.plan_check --device cuda --model XL/2 --batches 32,64 \
+    --json "$WORK/plan-xl2.json"
   step static-kernels 60 static_report
-  step tests-kernels 90 $PY -m pytest -q -p no:cacheprovider "${XDIST[@]}" tests/kernels tests/dydit/test_tokens.py \
+  step tests-kernels 80 $PY -m pytest -q -p no:cacheprovider "${XDIST[@]}" tests/kernels tests/dydit/test_tokens.py \
     --ignore tests/kernels/test_static_report.py
   step report-xl2 130 $PY -m benchmarks.report --device cuda --models XL/2 --batch 64 \
     --variants dit+kernels,mask50,mask50+kernels --sample-variants dit,maskdit+kernels --sweep-batch none \
     --warmup 5 --steps 20 --sample-steps 18 --sample-reps 3 --out "$WORK/report-xl2"
-  step dydit-xl2 90 $PY benchmarks/dydit.py --size XL/2 --device cuda --n 64 --batch 64 --reps 3 \
+  step dydit-xl2 80 $PY benchmarks/dydit.py --size XL/2 --device cuda --n 64 --batch 64 --reps 3 \
     --out "$WORK/dydit-xl2"
   step loaders 50 loaders_vs_step 100000 256 8
-  step profile-xl2-mask50 50 $PY -m benchmarks.profile_step --device cuda --model XL/2 --variant mask50+kernels \
+  step profile-xl2-mask50 40 $PY -m benchmarks.profile_step --device cuda --model XL/2 --variant mask50+kernels \
     --batch 64 --out "$WORK/profile-xl2-mask50+kernels"
   package
   ;;
@@ -212,6 +216,7 @@ smoke)
   headline "$WORK/mnist.log" "apart"
   headline "$WORK/static-kernels.log" "targets missed"
   headline "$WORK/optimizer-step.log" "^\\{"
+  headline "$WORK/plan.log" "^\\| (dit|maskdit) "
   step env 60 env_info
   step static-kernels 600 static_report
   step tests-kernels 600 $PY -m pytest -q -p no:cacheprovider tests/dydit/test_tokens.py
@@ -221,6 +226,7 @@ smoke)
   step profile 120 $PY -m benchmarks.profile_step --tiny --variant mask50 --out "$WORK/profile-tiny"
   step kernels 300 $PY -m benchmarks.kernels.bench --tiny --json "$WORK/kernels.json"
   step optimizer-step 120 $PY -m benchmarks.optimizer_step --tiny --json "$WORK/optimizer-step.json"
+  step plan 120 $PY -m benchmarks.plan_check --tiny --json "$WORK/plan.json"
   step mnist 900 mnist_runs 12 0 "train.log_every=2 train.global_batch=4 sample.num_steps=2 sample.grid_per_class=1 model.depth=2 model.hidden_size=64 model.decoder_depth=1"
   package
   ;;

@@ -45,7 +45,7 @@ from torch.distributed.tensor import DTensor
 
 import kernels
 
-from ..config import Config
+from ..config import Config, ModelConfig
 from ..data.sampler import split_global_batch
 from ..diffusion.edm import build_net
 from ..models.precision import autocast_for, resolve_precision
@@ -68,7 +68,8 @@ class MemoryPlan:
     total within each phase; ``saved_activations``: what the last micro-batch's forward pass left for
     its backward pass (activations at the end of the forward); ``state``: parameters, gradients,
     optimizer states and EMA after the last step's backward pass (sharded sizes under FSDP);
-    ``fallbacks``: where the planned path differs from a real CUDA run."""
+    ``fallbacks``: where the planned path differs from a real CUDA run; ``measured``: a real run's
+    ``torch.cuda.max_memory_allocated`` (``fake=False`` on CUDA), else None."""
 
     arch: str
     size: str
@@ -93,6 +94,7 @@ class MemoryPlan:
     state: dict[str, int]
     fallbacks: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    measured: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -105,13 +107,14 @@ def plan_memory(cfg: Config, world_size: int = 1, micro_batch: int | None = None
     what it holds. ``micro_batch``: samples per forward pass (None: ``train.micro_batch``, else the
     whole share of the global batch); a step runs two micro-batches when it has two or more (the second
     one already finds the first one's gradients: the steady state of any number). ``device``: the code
-    path planned, ``cuda`` or ``cpu`` (module docstring). ``fake=False`` runs the CPU path on real
-    tensors instead (one process; what the tests compare the fake run with). ``mask_ratio``: MaskDiT's
+    path planned, ``cuda`` or ``cpu`` (module docstring). ``fake=False`` runs the same steps on real
+    tensors of ``device`` instead (one process; what the tests and the GPU check compare a plan with;
+    on CUDA the plan then also holds ``torch.cuda.max_memory_allocated`` as ``measured``). ``mask_ratio``: MaskDiT's
     ratio in the planned steps; None: that of the run's phase that needs the most memory (unmasked,
     when the run has unmasked steps: every token then goes through the encoder). ``counter``: counts
     the ops of the last step (:mod:`.roofline`; its phases are those of the plan), when given."""
-    if not fake and (device != "cpu" or world_size > 1):
-        raise ValueError("a real run (fake=False) plans the CPU path of one process only")
+    if not fake and world_size > 1:
+        raise ValueError("a real run (fake=False) runs one process only")
     t = cfg.train
     configured = t.micro_batch if isinstance(t.micro_batch, int) else None  # auto: what is planned here
     micro, accumulation = split_global_batch(t.global_batch, world_size, micro_batch or configured)
@@ -126,10 +129,14 @@ def plan_memory(cfg: Config, world_size: int = 1, micro_batch: int | None = None
         fallbacks.append("apex FusedAdam planned as torch's fused AdamW: the same two moments per parameter; "
                          "AdamW adds a 4-byte step count per tensor")
     started = time.perf_counter()
-    with kernels.backend(backend), _fake_process_group(t.parallel, world_size), FakeTensorMode() if fake else contextlib.nullcontext(), \
+    tensors = torch.device("cpu") if fake else target  # where the step's tensors live
+    if tensors.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(tensors)
+    with kernels.backend(backend), _fake_process_group(t.parallel, world_size), \
+            FakeTensorMode() if fake else contextlib.nullcontext(), \
             MemoryTracker(CUDA_ROUNDING if device == "cuda" else 1) as tracker, _fsdp_instrumented(tracker):
         peaks, saved, state, count = _run_steps(cfg, tracker, world_size, micro, accumulation, precision, target,
-                                                steps, mask_ratio, counter)
+                                                tensors, steps, mask_ratio, counter)
     peak = tracker.peak
     return MemoryPlan(
         arch=cfg.model.arch, size=_size_name(cfg), mask_ratio=mask_ratio, micro_batch=micro, accumulation=accumulation,
@@ -138,7 +145,8 @@ def plan_memory(cfg: Config, world_size: int = 1, micro_batch: int | None = None
         peak=peak.bytes, at_peak=peak.by_category, peak_phase=peak.phase, peak_module=peak.module,
         peak_step=1 + max(range(len(peaks)), key=lambda i: peaks[i].bytes), steps=[p.bytes for p in peaks],
         phase_peaks={k: v.bytes for k, v in tracker.phase_peaks.items() if k != "setup"},
-        saved_activations=saved, state=state, fallbacks=fallbacks, seconds=time.perf_counter() - started)
+        saved_activations=saved, state=state, fallbacks=fallbacks, seconds=time.perf_counter() - started,
+        measured=torch.cuda.max_memory_allocated(tensors) if tensors.type == "cuda" else None)
 
 
 def _size_name(cfg: Config) -> str:
@@ -176,15 +184,16 @@ def _fake_process_group(parallel: str, world_size: int) -> Iterator[None]:
 
 
 def _run_steps(cfg: Config, tracker: MemoryTracker, world_size: int, micro: int, accumulation: int, precision: str,
-               device: torch.device, steps: int, mask_ratio: float, counter: OpCounter | None
+               device: torch.device, tensors: torch.device, steps: int, mask_ratio: float, counter: OpCounter | None
                ) -> tuple[list[Peak], int, dict[str, int], int]:
-    """The trainer's objects and steps (see :func:`maskdit_fast.train.loop.train_loop`), on fake tensors."""
+    """The trainer's objects and steps (see :func:`maskdit_fast.train.loop.train_loop`) for the code path of
+    ``device``, on tensors of ``tensors`` (fake CPU tensors, or real ones)."""
     t, m = cfg.train, cfg.model
-    net = build_net(m).train()
-    ema = EMA(net, t.ema_decay, t.ema_warmup, average=build_net(m))
+    net = _built(m, tensors).train()
+    ema = EMA(net, t.ema_decay, t.ema_warmup, average=_built(m, tensors))
     count = sum(p.numel() for p in net.parameters())
     emulate_ddp = t.parallel == "ddp" and world_size > 1
-    wrapped = parallelize(net, ema.model, _without_ddp(cfg) if emulate_ddp else cfg, precision, torch.device("cpu"),
+    wrapped = parallelize(net, ema.model, _without_ddp(cfg) if emulate_ddp else cfg, precision, tensors,
                           world_size, accumulation)
     tracker.assign([*net.parameters(), *net.buffers()], "parameters")  # after sharding: the shards
     tracker.assign([*ema.model.parameters(), *ema.model.buffers()], "ema")
@@ -195,9 +204,9 @@ def _run_steps(cfg: Config, tracker: MemoryTracker, world_size: int, micro: int,
     _tag_gradients(net, tracker)
     # apex's FusedAdam (CUDA only) keeps the same two moments: planned as the fused AdamW (module docstring)
     optimizer = build_optimizer([{"params": list(net.parameters())}], dataclasses.replace(t, optimizer="adamw"), device)
-    scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
+    scaler = torch.amp.GradScaler(tensors.type, enabled=precision == "fp16")
     loss_fn = maskdit_objective(cfg, lambda step: mask_ratio)
-    autocast = autocast_for(precision, torch.device("cpu"))
+    autocast = autocast_for(precision, tensors)
     simulated = min(accumulation, 2)
     labels = m.num_classes > 0
     peaks, saved = [], 0
@@ -205,9 +214,9 @@ def _run_steps(cfg: Config, tracker: MemoryTracker, world_size: int, micro: int,
         counting = counter if step == steps - 1 else None
         tracker.peak = Peak()
         for j in range(simulated):
-            images = torch.empty(micro, m.in_channels, m.input_size, m.input_size)
+            images = torch.randn(micro, m.in_channels, m.input_size, m.input_size, device=tensors)
             batch = MicroBatch(j, torch.arange(micro), images,
-                               torch.zeros(micro, dtype=torch.long) if labels else None)
+                               torch.zeros(micro, dtype=torch.long, device=tensors) if labels else None)
             with _phase(tracker, counting, "forward"), autocast:
                 loss, _ = loss_fn(wrapped, batch, step)
             saved = tracker.bytes_of("activations")
@@ -229,6 +238,12 @@ def _run_steps(cfg: Config, tracker: MemoryTracker, world_size: int, micro: int,
         peaks.append(tracker.peak)
     tracker.peak = max(peaks, key=lambda p: p.bytes)
     return peaks, saved, state, count
+
+
+def _built(model: ModelConfig, device: torch.device) -> torch.nn.Module:
+    """A new network, on ``device`` (built on the CPU: fake tensors are built there and cannot move)."""
+    net = build_net(model)
+    return net if device.type == "cpu" else net.to(device)
 
 
 @contextlib.contextmanager
