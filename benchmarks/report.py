@@ -74,6 +74,22 @@ def _train_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _plan_table(rows: list[dict]) -> list[str]:
+    """The memory planner's figures of the rows on a GPU (none when the run did not plan)."""
+    planned = [r for r in rows if r.get("planned_peak_gib") is not None]
+    if not planned:
+        return []
+    gpus = list(planned[0]["planned_largest_micro_batch"])
+    lines = ["Planned on a GPU by the memory planner (fake tensors, CUDA code path, bf16, one GPU; "
+             "docs/planning.md): peak at this batch, and the largest micro-batch (a power of two) that fits.", "",
+             "| variant | planned peak GiB | " + " | ".join(f"largest micro-batch, {g}" for g in gpus) + " |",
+             "|---|--:|" + "--:|" * len(gpus)]
+    for r in planned:
+        largest = " | ".join(str(r["planned_largest_micro_batch"][g] or "none") for g in gpus)
+        lines.append(f"| `{r['variant']}` | {r['planned_peak_gib']:.3g} | {largest} |")
+    return lines + [""]
+
+
 def refusals(rows: list[dict]) -> list[str]:
     """One loud line per row whose comparison was refused (policies differ in more than one aspect)."""
     return [f"- ⚠ **no ratio for `{r['variant']}`** ({r['model']}, batch {r['batch']}"
@@ -205,7 +221,7 @@ def markdown(report: dict) -> str:
     for row in report["train"]:
         groups.setdefault((row["model"], row["batch"]), []).append(row)
     for (model, batch), rows in groups.items():
-        lines += [f"## Training: {model}, batch {batch}", "", *_train_table(rows), "",
+        lines += [f"## Training: {model}, batch {batch}", "", *_train_table(rows), "", *_plan_table(rows),
                   *_summary(rows, device["type"]), ""]
     if report["sample"]:
         first = report["sample"][0]
@@ -265,6 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--memory-budget", type=float, metavar="GIB",
                         help="CUDA: find each sweep variant's largest batch within this many GiB by trying "
                              "(default: the device's memory; 0: no search)")
+    parser.add_argument("--plan", choices=("auto", "on", "off"), default="auto",
+                        help="the memory planner's columns per training row: planned peak and largest micro-batch "
+                             "on an A100-80GB and an H100-80GB (auto: on unless the run is on CUDA)")
     parser.add_argument("--out", default="runs/bench", help="folder for report.json, report.md and the charts")
     parser.add_argument("--no-plots", action="store_true", help="skip the matplotlib charts")
     args = parser.parse_args(argv)

@@ -19,6 +19,7 @@ import torch
 from .configs import BASELINE, ModelSpec, Variant, default_sample_variants, default_train_variants, parse_variants
 from .measure import (Flops, PeakMemory, count_flops, git_state, machine, matmul_peak_tflops, synchronize, time_calls,
                       versions)
+from .planned import plan_row
 from .policy import AUTOCAST, Policy, compare, intended_baseline, with_same_policy_baselines
 from .sweep import fits_by_trying, largest_batch
 from .workloads import Sampler, TrainStep, variant_settings
@@ -63,6 +64,7 @@ class Settings:
     sweep_batches: list[int] = field(default_factory=list)  # empty: no batch sweep
     sweep_variants: list[str] = field(default_factory=list)
     memory_budget_gib: float | None = None  # CUDA: largest-batch search within this (None: no search)
+    plan: bool = False  # the memory planner's columns for each training row (benchmarks/planned.py)
 
 
 def _csv(text: str) -> list[str]:
@@ -74,13 +76,15 @@ def resolve_settings(device: str = "auto", tiny: bool = False, models: str | Non
                      steps: int | None = None, sample_batch: int | None = None, sample_steps: int | None = None,
                      sample_reps: int | None = None, cfg_scale: float = 1.5, compile_backend: str | None = None,
                      matmul_size: int | None = None, threads: int | None = None, sweep_batch: str | None = None,
-                     sweep_variants: str | None = None, memory_budget: float | None = None) -> Settings:
+                     sweep_variants: str | None = None, memory_budget: float | None = None,
+                     plan: str = "auto") -> Settings:
     """Settings from command-line style strings (``None``: the mode's default); checks every name.
 
     ``variants``/``sample_variants``: comma-separated names, ``default`` (or ``none`` for sampling).
     ``sweep_batch``: comma-separated batches of the sweep (``none``: no sweep), each running
     ``sweep_variants`` on the first model. ``memory_budget``: GiB for the largest-batch search
-    (CUDA only; default: the device's memory; 0: no search).
+    (CUDA only; default: the device's memory; 0: no search). ``plan``: the memory planner's columns
+    (``on`` | ``off`` | ``auto``: on off CUDA, where they are the only GPU figures).
     Raises ValueError naming what is wrong.
     """
     if device == "auto":
@@ -112,7 +116,10 @@ def resolve_settings(device: str = "auto", tiny: bool = False, models: str | Non
                         sample_reps=opts["sample_reps"], cfg_scale=cfg_scale, compile_backend=opts["compile_backend"],
                         matmul_size=opts["matmul_size"], threads=opts["threads"], tiny=tiny,
                         sweep_batches=sweep_batches, sweep_variants=_csv(opts["sweep_variants"]),
-                        memory_budget_gib=memory_budget if device == "cuda" and memory_budget else None)
+                        memory_budget_gib=memory_budget if device == "cuda" and memory_budget else None,
+                        plan=plan == "on" or (plan == "auto" and device != "cuda"))
+    if plan not in ("auto", "on", "off"):
+        raise ValueError(f"plan {plan!r}: auto, on or off")
     for name in settings.models:
         ModelSpec.parse(name)
     parse_variants(settings.variants, device)
@@ -173,6 +180,8 @@ class TrainRow(Row):
     achieved_tflops: float | None = None
     mfu: float | None = None  # achieved / measured matmul peak of the row's precision
     memory_vs_baseline: float | None = None  # peak allocated over the baseline's
+    planned_peak_gib: float | None = None  # the memory planner's peak of this row on a GPU (benchmarks/planned.py)
+    planned_largest_micro_batch: dict[str, int] | None = None  # per GPU
 
 
 @dataclass
@@ -349,6 +358,12 @@ def run(settings: Settings, command: str, log: Callable[[str], None] = lambda me
                     if row.status == "ok" else row.status))
                 train_rows.append(row)
     add_ratios(train_rows, device.type)
+    if settings.plan:
+        for row in train_rows:
+            row.planned_peak_gib, row.planned_largest_micro_batch = plan_row(
+                ModelSpec.parse(row.model), Variant.parse(row.variant, device.type), row.batch).values()
+            log(f"plan   {row.model:7} b{row.batch:<4} {row.variant:36} {row.planned_peak_gib:7.2f} GiB on a GPU, "
+                f"largest micro-batch {row.planned_largest_micro_batch}")
 
     sample_rows: list[SampleRow] = []
     for spec in specs:

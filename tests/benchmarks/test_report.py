@@ -19,7 +19,7 @@ ROW_FIELDS = {"id", "model", "batch", "variant", "arch", "mask_ratio", "kernels"
               "speedup_vs_baseline", "autocast", "residual_dtype", "baseline_variant", "compared", "comparison"}
 TRAIN_FIELDS = ROW_FIELDS | {"step_ms", "step_ms_all", "fwd_flops_per_image", "fwd_macs_per_image",
                              "dit_paper_gflops_per_image", "train_flops_per_image", "achieved_tflops", "mfu",
-                             "memory_vs_baseline"}
+                             "memory_vs_baseline", "planned_peak_gib", "planned_largest_micro_batch"}
 SAMPLE_FIELDS = ROW_FIELDS | {"cfg_scale", "num_steps", "nfe", "run_s", "run_s_all"}
 # The tiny mode's training variants: every code path (kernels, attention, compile, bf16, masks).
 TINY_VARIANTS = ["dit", "dit+kernels", "dit+reference", "dit+kernels+compile", "dit+bf16", "mask50",
@@ -167,3 +167,36 @@ def test_charts_are_written(tiny_report):
     for name in ("throughput.png", "memory.png", "sampling.png", "sweep.png"):
         data = (out / name).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000, name
+
+
+def test_a_cpu_report_carries_the_plan_of_each_row_on_a_gpu(tiny_report, report):
+    from benchmarks.configs import ModelSpec, Variant
+    from benchmarks.planned import row_config
+    from maskdit_fast.plan.memory import plan_memory
+
+    rows = report["train"]
+    assert report["settings"]["plan"] is True  # auto: on off CUDA
+    for r in rows:
+        assert r["planned_peak_gib"] > 0 and set(r["planned_largest_micro_batch"]) == {"a100-80gb", "h100-80gb"}
+    first = rows[0]
+    again = plan_memory(row_config(ModelSpec.parse(first["model"]), Variant.parse(first["variant"], "cpu"),
+                                   first["batch"]), 1, first["batch"])
+    assert again.peak / 2**30 == first["planned_peak_gib"] and again.device == "cuda" and again.precision == "bf16"
+    text = (tiny_report[0] / "report.md").read_text()
+    assert "Planned on a GPU by the memory planner" in text
+    assert f"| `{first['variant']}` | {first['planned_peak_gib']:.3g} | " in text
+
+
+def test_plan_row_finds_the_largest_power_of_two_that_fits(monkeypatch):
+    import benchmarks.planned as planned
+    from benchmarks.configs import ModelSpec, Variant
+    from maskdit_fast.plan.memory import plan_memory
+
+    # a GPU of 40 MiB: the tiny model's planned peak grows past it somewhere below 1024
+    monkeypatch.setattr(planned, "DEFAULT_RESERVE_GB", 0.0)
+    small = planned.gpu_named("a100-80gb", memory_gb=40 / 1024)
+    monkeypatch.setattr(planned, "gpu_named", lambda name: small)
+    spec, variant = ModelSpec.parse("tiny/2"), Variant.parse("mask50", "cpu")
+    largest = planned.plan_row(spec, variant, 2)["planned_largest_micro_batch"]["h100-80gb"]
+    peak = lambda m: plan_memory(planned.row_config(spec, variant, 1024), 1, m).peak  # noqa: E731
+    assert 0 < largest < 1024 and peak(largest) <= small.memory_bytes < peak(2 * largest)
