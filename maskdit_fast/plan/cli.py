@@ -156,8 +156,7 @@ def render(result: dict[str, Any]) -> str:
                f"{'on' if plan['activation_checkpointing'] else 'off'}")
     lines = [f"Plan: {setting}", "", f"| per GPU, GiB | {name} | {other_name} |", "|---|--:|--:|"]
     for c in CATEGORIES:
-        if plan["at_peak"][c] or other["at_peak"][c]:
-            lines.append(f"| {LABELS[c]} at the peak | {gib(plan['at_peak'][c])} | {gib(other['at_peak'][c])} |")
+        lines.append(f"| {LABELS[c]} at the peak | {gib(plan['at_peak'][c])} | {gib(other['at_peak'][c])} |")
     lines += [f"| **peak** | **{gib(plan['peak'])}** | **{gib(other['peak'])}** |",
               f"| peak in | {plan['peak_phase']}, step {plan['peak_step']} | {other['peak_phase']}, step "
               f"{other['peak_step']} |",
