@@ -1,12 +1,13 @@
 """A ``train.py`` process (plain, or one rank under ``torchrun``) with faults injected at chosen moments,
 for the fault-tolerance tests. Usage: ``fault_worker.py FAULTS_JSON``; the file holds
-``{"argv": [train.py arguments], ...}`` and any of:
+``{"argv": [train.py arguments], ...}`` (with ``"command": "dydit"``: ``python -m maskdit_fast.dydit``
+arguments) and any of:
 
-- ``"signal": {"at": "sample" | "checkpoint" | "quality", "step": k, "name": "SIGUSR1"}``: rank 0 sends the
-  signal when the sample grid / the checkpoint of step k / the final quality check starts, to torchrun's
-  agent (which passes it on to every worker, as under Slurm) or, in a plain launch, to itself; the phase
-  then takes a while, so the signal arrives inside it. At a checkpoint a second signal follows during the
-  save itself.
+- ``"signal": {"at": "step" | "sample" | "checkpoint" | "quality" | "final", "step": k, "name": "SIGUSR1"}``:
+  rank 0 sends the signal when step k / the sample grid of step k / the checkpoint of step k / the final
+  quality check / DyDiT's final samples start, to torchrun's agent (which passes it on to every worker, as
+  under Slurm) or, in a plain launch, to itself; a phase then takes a while, so the signal arrives inside
+  it. At a checkpoint a second signal follows during the save itself.
 - ``"signal": {"at": "compile", "name": "SIGUSR1"}``: rank 0 watches for the C++ compiler that
   ``torch.compile`` (inductor on the CPU) runs on a kernel of the first step, and while it runs, signals
   the worker's whole process group, compiler included: it signals torchrun's agent, which passes the
@@ -26,10 +27,12 @@ import threading
 import time
 from pathlib import Path
 
+import maskdit_fast.dydit.finetune as finetune
 import maskdit_fast.generate as generate_module
 import maskdit_fast.train.loop as loop
 import maskdit_fast.train.trainer as trainer
 from maskdit_fast.cli import train_main
+from maskdit_fast.dydit.__main__ import main as dydit_main
 from maskdit_fast.train.ema import EMA
 
 RANK = int(os.environ.get("RANK", 0))
@@ -91,6 +94,15 @@ def signal_at(at: str, step: int, name: str) -> None:
         return
     if at == "compile":
         signal_during_compile(name)
+    elif at == "step":
+        real_prepare = loop.prepare_micro_batch
+
+        def prepare(cfg, data, current, j, *args, **kwargs):
+            if current + 1 == step and j == 0:
+                send(name)
+            return real_prepare(cfg, data, current, j, *args, **kwargs)
+
+        loop.prepare_micro_batch = prepare
     elif at == "sample":
         real_grid = trainer.write_sample_grid
 
@@ -121,6 +133,15 @@ def signal_at(at: str, step: int, name: str) -> None:
             return real_generate(*args, **kwargs)
 
         generate_module.generate = generate
+    elif at == "final":
+        real_final = finetune.write_sample_grid
+
+        def final(*args, **kwargs):
+            send(name)
+            long_phase()
+            return real_final(*args, **kwargs)
+
+        finetune.write_sample_grid = final
 
 
 def stall(rank: int, step: int, seconds: float) -> None:
@@ -174,7 +195,7 @@ def main(faults_file: str) -> int:
         kill(**faults["kill"])
     if "kill_node" in faults:
         kill_node(**faults["kill_node"])
-    status = train_main(faults["argv"])
+    status = (dydit_main if faults.get("command") == "dydit" else train_main)(faults["argv"])
     print(f"fault_worker: rank {RANK} exits with status {status}", flush=True)  # torchrun, signalled, does not say
     return status
 
