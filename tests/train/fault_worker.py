@@ -7,7 +7,8 @@ arguments) and any of:
   rank 0 sends the signal when step k / the sample grid of step k / the checkpoint of step k / the final
   quality check / DyDiT's final samples start, to torchrun's agent (which passes it on to every worker, as
   under Slurm) or, in a plain launch, to itself; a phase then takes a while, so the signal arrives inside
-  it. At a checkpoint a second signal follows during the save itself.
+  it; in step k rank 0 waits until its handler has run. At a checkpoint a second signal follows during
+  the save itself.
 - ``"signal": {"at": "compile", "name": "SIGUSR1"}``: rank 0 watches for the C++ compiler that
   ``torch.compile`` (inductor on the CPU) runs on a kernel of the first step, and while it runs, signals
   the worker's whole process group, compiler included: it signals torchrun's agent, which passes the
@@ -30,6 +31,7 @@ from pathlib import Path
 import maskdit_fast.dydit.finetune as finetune
 import maskdit_fast.generate as generate_module
 import maskdit_fast.train.loop as loop
+import maskdit_fast.train.preemption as preemption
 import maskdit_fast.train.trainer as trainer
 from maskdit_fast.cli import train_main
 from maskdit_fast.dydit.__main__ import main as dydit_main
@@ -41,6 +43,14 @@ UNDER_TORCHRUN = "TORCHELASTIC_RUN_ID" in os.environ
 
 def send(name: str, to_self: bool = False) -> None:
     os.kill(os.getpid() if to_self or not UNDER_TORCHRUN else os.getppid(), signal.Signals[name])
+
+
+def until_handled(seconds: float = 60) -> None:
+    """Wait until this process's stop handler has run (the signal is delivered to a thread of its own,
+    and through torchrun's agent it comes later still)."""
+    end = time.monotonic() + seconds
+    while not (preemption._active and preemption._active[-1].requested) and time.monotonic() < end:
+        time.sleep(0.005)
 
 
 def long_phase(seconds: float = 5) -> None:
@@ -100,6 +110,7 @@ def signal_at(at: str, step: int, name: str) -> None:
         def prepare(cfg, data, current, j, *args, **kwargs):
             if current + 1 == step and j == 0:
                 send(name)
+                until_handled()  # so it arrives in this step, before the all-reduce that carries it
             return real_prepare(cfg, data, current, j, *args, **kwargs)
 
         loop.prepare_micro_batch = prepare

@@ -175,3 +175,19 @@ def test_processes_started_under_the_handlers_do_not_get_the_stop_signals():
     child = subprocess.Popen(child_code)  # afterwards a child gets it again
     os.kill(child.pid, signal.SIGUSR1)
     assert child.wait(30) == -signal.SIGUSR1
+
+
+def test_the_stop_signals_are_configurable(tmp_path):
+    """train.preempt_signals names the signals that stop the run; [] leaves every signal its default action."""
+    code, text = run(tmp_path / "hup", {"signal": {"at": "step", "step": 2, "name": "SIGHUP"}}, False,
+                     "--eval-samples", "0", "train.preempt_signals=[SIGHUP]")
+    assert code == PREEMPTED_EXIT and "preempted (SIGHUP): stopped after step 2" in text, text[-4000:]
+    assert steps_saved(tmp_path / "hup") == [2]
+
+    code, text = run(tmp_path / "none", {"signal": {"at": "step", "step": 2, "name": "SIGUSR1"}}, False,
+                     "--eval-samples", "0", "train.preempt_signals=[]")
+    assert code == -signal.SIGUSR1 and "preempted" not in text, text[-4000:]
+    assert not (tmp_path / "none" / "checkpoints").exists()
+
+    code, text = run(tmp_path / "kill", {}, False, "train.preempt_signals=[SIGKILL]")
+    assert code == 2 and "train.preempt_signals: 'SIGKILL' is not a signal a process can catch" in text, text[-4000:]
