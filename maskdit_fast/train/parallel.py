@@ -75,9 +75,13 @@ def parallelize(net: EDMPrecond, ema_model: EDMPrecond, cfg: Config, precision: 
     if t.activation_checkpointing:
         _per_block(net, checkpoint_wrapper)
     if t.compile:
+        # static shapes: with dynamo's automatic dynamic shapes a block compiled for the encoder's tokens
+        # is compiled again with a symbolic length once it sees the decoder's, and later steps run that
+        # second graph: a process's first step ran other kernels than its later ones, so a resumed run
+        # was not bit-identical to an uninterrupted one
         for blocks in block_lists(net):
             for block in blocks:
-                block.compile()
+                block.compile(dynamic=False)
     if t.parallel == "ddp":
         static = static_graph_ok(cfg, accumulation)
         return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,

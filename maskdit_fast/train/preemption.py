@@ -10,6 +10,15 @@ that runs outside the steps (the sample grid, the final quality check, DyDiT's f
 runs inside :meth:`StopSignals.interruptible`: there the signal also raises, so the phase is cut
 short instead of delaying the save past the grace period. Further signals during the save only set
 the flag again.
+
+torchrun signals a worker's whole process group (``os.killpg``), Slurm every process of a job step,
+so the processes the worker starts get the signal too, and those that do not handle it die of it: the
+C++ compiler that ``torch.compile`` runs (the first step then failed with a compile error instead of
+saving; tests/train/test_preemption.py), and likewise Triton's ptxas and inductor's compile workers.
+A child inherits the signal mask of the thread that starts it; so while the handlers are installed the
+stop signals are blocked in the main thread (and in every thread started from it), and one thread,
+started before, keeps them unblocked: the kernel delivers the signal to it, and Python runs the handler
+in the main thread as always. The children never see it (it stays pending, blocked, until they exit).
 """
 from __future__ import annotations
 
@@ -62,6 +71,9 @@ class StopSignals:
         self.received: signal.Signals | None = None  # the first stop signal
         self._raising = False
         self._previous: dict[signal.Signals, object] = {}
+        self._receiver: threading.Thread | None = None  # the one thread the stop signals are delivered to
+        self._release = threading.Event()
+        self._mask: set[signal.Signals] = set()  # the main thread's signal mask before install()
 
     @property
     def requested(self) -> bool:
@@ -81,8 +93,21 @@ class StopSignals:
             return
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)
+        if self.signals:  # see the module's docstring: children started from now on do not get them
+            self._receiver = threading.Thread(target=self._receive, name="stop-signals", daemon=True)
+            self._receiver.start()
+            self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
+
+    def _receive(self) -> None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)  # also if this process started with them blocked
+        self._release.wait()
 
     def restore(self) -> None:
+        if self._receiver is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
+            self._release.set()
+            self._receiver.join()
+            self._receiver = None
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous = {}

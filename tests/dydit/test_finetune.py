@@ -1,5 +1,7 @@
 import math
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,7 +19,9 @@ from maskdit_fast.dydit.__main__ import main
 from maskdit_fast.dydit.finetune import dydit_loss, sampler_sigmas, training_sigmas
 
 from maskdit_fast.storage import latest_training_state, load_training_state
+from maskdit_fast.train.preemption import PREEMPTED_EXIT
 from tests.helpers import assert_same_final_state, train_and_crash
+from tests.train.test_preemption import ENV, ROOT, WORKER, assert_same_training_state, finish, steps_saved
 
 from .helpers import random_base
 
@@ -206,3 +210,43 @@ def test_a_non_finite_loss_stops_the_run_at_its_step(tmp_path, base_ckpt, monkey
     with pytest.raises(SystemExit) as exit_:  # a message, no traceback
         main(["finetune", "--init", str(base_ckpt), "--out", str(tmp_path / "run"), "--no-progress", *TINY_RUN])
     assert exit_.value.code == 2 and "loss is nan at step 2" in capsys.readouterr().err
+
+
+def finetune_process(base, out, *args: str, signal_at: dict | None = None) -> tuple[int, str]:
+    """``python -m maskdit_fast.dydit finetune`` in a subprocess (through the fault worker, which sends
+    ``signal_at``); its exit status and output."""
+    n = len(list(out.parent.glob(f"{out.name}-*.json")))
+    spec, log = out.parent / f"{out.name}-{n}.json", out.parent / f"{out.name}-{n}.log"
+    argv = ["finetune", "--init", str(base), "--out", str(out), "--no-progress", *args]
+    spec.write_text(json.dumps({"command": "dydit", "argv": argv, **({"signal": signal_at} if signal_at else {})}))
+    with log.open("w") as sink:
+        proc = subprocess.Popen([sys.executable, str(WORKER), str(spec)], cwd=ROOT, env=ENV, stdout=sink,
+                                stderr=subprocess.STDOUT)
+    return finish(proc, log)
+
+
+def test_preempted_finetune_resumes_bit_for_bit(tmp_path, base_ckpt):
+    """SIGUSR1 in step 3 of a 5-step fine-tune: exit 75 and one line naming step 3 and its saved state;
+    --resume is then signalled during the final samples (exit 75, no final.png, the state of step 5
+    saved once); a last --resume samples and ends. Model, EMA and optimizer equal an uninterrupted run's."""
+    run = [*TINY_RUN, "train.max_steps=5", "train.ckpt_every=2", "train.keep_last=0"]
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    code, text = finetune_process(base_ckpt, straight, *run)
+    assert code == 0, text[-4000:]
+
+    code, text = finetune_process(base_ckpt, out, *run, signal_at={"at": "step", "step": 3, "name": "SIGUSR1"})
+    assert code == PREEMPTED_EXIT, text[-4000:]
+    assert text.count(f"preempted (SIGUSR1): stopped after step 3, its training state is saved in "
+                      f"{out / 'checkpoints' / 'step-0000003'}") == 1, text[-4000:]
+    assert steps_saved(out) == [2, 3]
+
+    code, text = finetune_process(base_ckpt, out, "--resume", *run, signal_at={"at": "final", "name": "SIGUSR1"})
+    assert code == PREEMPTED_EXIT and "preempted during the final samples" in text, text[-4000:]
+    assert steps_saved(out) == [2, 3, 4, 5] and not (out / "samples" / "final.png").exists()
+    assert_same_training_state(straight, out, 5)
+
+    before = {p: p.stat().st_mtime_ns for p in (out / "checkpoints").rglob("*")}
+    code, text = finetune_process(base_ckpt, out, "--resume", *run)
+    assert code == 0 and (out / "samples" / "final.png").is_file(), text[-4000:]
+    assert {p: p.stat().st_mtime_ns for p in (out / "checkpoints").rglob("*")} == before
+    assert_same_training_state(straight, out, 5)

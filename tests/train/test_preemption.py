@@ -11,13 +11,14 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
 
 from maskdit_fast.storage import latest_training_state, load_training_state
-from maskdit_fast.train.preemption import PREEMPTED_EXIT
+from maskdit_fast.train.preemption import PREEMPTED_EXIT, stop_signals
 from tests.helpers import TINY_RUN
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -129,3 +130,64 @@ def test_two_processes_preempted_anywhere_resume_bit_for_bit(tmp_path):
     assert steps_saved(straight) == [4, 6], text[-4000:]
     out = preempt_and_resume(tmp_path, torchrun=True, seed=2)
     assert_same_training_state(straight, out, 6)
+
+
+def test_signal_during_the_first_compile_stops_after_that_step_and_resumes_bit_for_bit(tmp_path, monkeypatch):
+    """train.compile=true under torchrun (one process): SIGUSR1 reaches the worker's process group while the
+    C++ compiler that inductor runs for the first step is compiling (torchrun signals the group, as Slurm
+    does). The step still ends, its state is saved, the worker exits 75; --resume then ends bit-identical
+    to an uninterrupted compiled run. The inductor cache starts empty, so that the first step really
+    compiles: about 60 s of CPU, most of it that compile (kept: the compile is what is under test)."""
+    monkeypatch.setattr(sys.modules[__name__], "TORCHRUN", [*TORCHRUN[:-1], "1"])  # --nproc_per_node 1
+    monkeypatch.setitem(ENV, "TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    compiled = ["--eval-samples", "0", "train.compile=true", "train.sample_every=1000"]
+    out = tmp_path / "run"
+    code, text = run(out, {"signal": {"at": "compile", "name": "SIGUSR1"}}, True, *compiled)
+    assert "fault_worker: SIGUSR1 sent to the process group while cc1plus" in text, text[-4000:]
+    assert "stopped after step 1, its training state is saved" in text, text[-4000:]
+    assert f"fault_worker: rank 0 exits with status {PREEMPTED_EXIT}" in text
+    assert steps_saved(out) == [1]
+
+    code, text = run(out, {}, True, "--resume", *compiled)
+    assert code == 0 and steps_saved(out) == [1, 4, 6], text[-4000:]
+    straight = tmp_path / "straight"
+    code, text = run(straight, {}, True, *compiled)
+    assert code == 0, text[-4000:]
+    assert_same_training_state(straight, out, 6)
+
+
+def test_processes_started_under_the_handlers_do_not_get_the_stop_signals():
+    """torchrun and Slurm signal the whole process group: a child (a compiler, a data worker) must live on
+    while the run saves; the run itself still gets the signal."""
+    assert threading.current_thread() is threading.main_thread()  # else no handler: the signal would end pytest
+    child_code = [sys.executable, "-c", "import time; time.sleep(0.5)"]
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    with stop_signals(["SIGUSR1"]) as stop:
+        child = subprocess.Popen(child_code)
+        os.kill(child.pid, signal.SIGUSR1)  # what os.killpg does to it
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert child.wait(30) == 0
+        deadline = time.monotonic() + 10
+        while not stop.requested and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stop.received == signal.SIGUSR1
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+    child = subprocess.Popen(child_code)  # afterwards a child gets it again
+    os.kill(child.pid, signal.SIGUSR1)
+    assert child.wait(30) == -signal.SIGUSR1
+
+
+def test_the_stop_signals_are_configurable(tmp_path):
+    """train.preempt_signals names the signals that stop the run; [] leaves every signal its default action."""
+    code, text = run(tmp_path / "hup", {"signal": {"at": "step", "step": 2, "name": "SIGHUP"}}, False,
+                     "--eval-samples", "0", "train.preempt_signals=[SIGHUP]")
+    assert code == PREEMPTED_EXIT and "preempted (SIGHUP): stopped after step 2" in text, text[-4000:]
+    assert steps_saved(tmp_path / "hup") == [2]
+
+    code, text = run(tmp_path / "none", {"signal": {"at": "step", "step": 2, "name": "SIGUSR1"}}, False,
+                     "--eval-samples", "0", "train.preempt_signals=[]")
+    assert code == -signal.SIGUSR1 and "preempted" not in text, text[-4000:]
+    assert not (tmp_path / "none" / "checkpoints").exists()
+
+    code, text = run(tmp_path / "kill", {}, False, "train.preempt_signals=[SIGKILL]")
+    assert code == 2 and "train.preempt_signals: 'SIGKILL' is not a signal a process can catch" in text, text[-4000:]
