@@ -1,5 +1,6 @@
-"""The largest-micro-batch bisection, on a synthetic planner whose peak is a + b * micro_batch: the
-answer against a brute-force scan, the edge cases (nothing fits, everything fits) and its cost."""
+"""The largest-micro-batch bisection, on synthetic planners whose peak is a + b * micro_batch (plus the
+held gradients of the sizes that accumulate): the answer against a brute-force scan, the edge cases
+(nothing fits, everything fits) and its cost."""
 from __future__ import annotations
 
 import math
@@ -19,9 +20,24 @@ class LinearPlanner:
     def __init__(self):
         self.calls: list[tuple[int, int, str, bool]] = []
 
+    def peak(self, cfg, world_size, micro_batch) -> int:
+        return FIXED + PER_SAMPLE * micro_batch
+
     def __call__(self, cfg, world_size, micro_batch, device="cuda"):
         self.calls.append((world_size, micro_batch, device, cfg.train.activation_checkpointing))
-        return SimpleNamespace(peak=FIXED + PER_SAMPLE * micro_batch, micro_batch=micro_batch)
+        return SimpleNamespace(peak=self.peak(cfg, world_size, micro_batch), micro_batch=micro_batch)
+
+
+class HeldGradientsPlanner(LinearPlanner):
+    """As the real plans go: a size that accumulates holds the first micro-batches' gradients through the
+    next forward passes, so the whole share (one micro-batch, gradients freed first) can peak lower
+    than half of it."""
+
+    GRADIENTS = 40 * PER_SAMPLE
+
+    def peak(self, cfg, world_size, micro_batch) -> int:
+        share = cfg.train.global_batch // world_size
+        return super().peak(cfg, world_size, micro_batch) + (self.GRADIENTS if micro_batch < share else 0)
 
 
 def capacity_for(micro_batch: int) -> int:
@@ -35,20 +51,22 @@ def test_divisors():
     assert divisors(7) == [1, 7]
 
 
+@pytest.mark.parametrize("planner_type", [LinearPlanner, HeldGradientsPlanner])
 @pytest.mark.parametrize("global_batch,world_size", [(48, 1), (64, 1), (96, 4), (30, 2)])
-def test_bisection_finds_what_a_scan_finds_for_every_capacity(global_batch, world_size):
+def test_bisection_finds_what_a_scan_finds_for_every_capacity(global_batch, world_size, planner_type):
     cfg = tiny_config(f"train.global_batch={global_batch}")
     candidates = divisors(global_batch // world_size)
-    for capacity in range(capacity_for(0), capacity_for(candidates[-1] + 2), PER_SAMPLE // 4):
-        planner = LinearPlanner()
+    peaks = {m: planner_type().peak(cfg, world_size, m) for m in candidates}
+    for capacity in range(FIXED + RESERVE, max(peaks.values()) + RESERVE + PER_SAMPLE, PER_SAMPLE // 4):
+        planner = planner_type()
         fit = largest_micro_batch(cfg, world_size, capacity, RESERVE, plan=planner)
-        fitting = [m for m in candidates if capacity_for(m) <= capacity]
+        fitting = [m for m in candidates if peaks[m] + RESERVE <= capacity]
         assert fit.micro_batch == max(fitting, default=0), capacity
         # every probe is a divisor of this rank's share, planned once, at this world size
         probed = [m for _, m, _, _ in planner.calls]
         assert len(probed) == len(set(probed)) and set(probed) <= set(candidates)
         assert {w for w, *_ in planner.calls} == {world_size}
-        assert fit.tried == {m: FIXED + PER_SAMPLE * m for m in probed}
+        assert fit.tried == {m: peaks[m] for m in probed}
         assert len(probed) <= 1 + math.ceil(math.log2(len(candidates)))
 
 
