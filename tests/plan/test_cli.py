@@ -122,8 +122,8 @@ def test_user_errors_end_in_one_message_with_status_2():
 def test_the_issues_bar_at_xl2(tmp_path):
     """The issue's bar: ``python -m benchmarks.plan --model XL/2 --arch dit`` and ``--arch maskdit``
     print per-GPU peaks whose MaskDiT / DiT ratio at the same batch is reported. Run here without the
-    bisection (``--no-search``, about 8 s each on 2 cores); the full commands took 20 s (dit) and 34 s
-    (maskdit) on 2 busy cores, within the bar's 2 minutes."""
+    bisection (``--no-search``, about 8 s each on 2 cores); the full commands took 20 s (dit) and 30 s
+    (maskdit) on 2 cores (34 s with the cores shared), within the bar's 2 minutes."""
     runs = {arch: (command("--model", "XL/2", "--arch", arch, "--no-search", "--json", str(tmp_path / f"{arch}.json")),
                    time.perf_counter()) for arch in ("dit", "maskdit")}
     results, printed = {}, {}
