@@ -1,6 +1,12 @@
 import pytest
 
-from maskdit_fast.config import CONFIG_DIR, ConfigError, config_from_dict, config_to_dict, load_config
+from maskdit_fast.config import (
+    CONFIG_DIR,
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+)
 from maskdit_fast.dydit import load_dydit_config
 
 # configs/dydit-*.yaml are DyDiT fine-tune presets (python -m maskdit_fast.dydit finetune --config dydit-0.5):

@@ -68,7 +68,8 @@ def test_the_json_holds_every_component_of_the_plan(small):
     assert fits["with_ac"]["tried"]["16"] < plan["peak"]  # checkpointing keeps less
     # the other architecture at the same micro-batch, and the ratios
     assert (plan["arch"], other["arch"], other["mask_ratio"]) == ("maskdit", "dit", 0.0)
-    assert other["micro_batch"] == plan["micro_batch"] == 16 and other["size"] == plan["size"] == "32x2/4"  # 32 wide, 2 blocks, patch 4
+    assert other["micro_batch"] == plan["micro_batch"] == 16
+    assert other["size"] == plan["size"] == "32x2/4"  # 32 wide, 2 blocks, patch 4
     assert small["maskdit_over_dit_peak"] == plan["peak"] / other["peak"]
     assert small["maskdit_over_dit_activations"] == plan["saved_activations"] / other["saved_activations"]
     text = small["printed"]

@@ -252,8 +252,8 @@ def test_xl2_activation_ratio_matches_what_autograd_saves(xl_plans):
     at so small a batch) agree to 1e-7."""
     hooks = {arch: autograd_saved_bytes(load_config("imagenet256-pretrain", overrides), 8)
              for arch, overrides in (("dit", XL_DIT), ("maskdit", XL_MASKDIT))}
-    for arch in hooks:
-        assert xl_plans[arch].saved_activations - hooks[arch] == 3 * 512, arch
+    for arch, saved in hooks.items():
+        assert xl_plans[arch].saved_activations - saved == 3 * 512, arch
     planned = xl_plans["maskdit"].saved_activations / xl_plans["dit"].saved_activations
     assert planned == pytest.approx(hooks["maskdit"] / hooks["dit"], rel=0.01)
     assert 0.6 < planned < 0.9  # half the encoder's tokens, plus the decoder on all of them
