@@ -1,6 +1,12 @@
 import pytest
 
-from maskdit_fast.config import CONFIG_DIR, ConfigError, load_config
+from maskdit_fast.config import (
+    CONFIG_DIR,
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+)
 from maskdit_fast.dydit import load_dydit_config
 
 # configs/dydit-*.yaml are DyDiT fine-tune presets (python -m maskdit_fast.dydit finetune --config dydit-0.5):
@@ -90,3 +96,21 @@ def test_unknown_key_in_a_yaml_file_is_an_error(tmp_path):
     path.write_text("model:\n  hiden_size: 64\n")
     with pytest.raises(ConfigError, match="model.hiden_size"):
         load_config(str(path))
+
+
+@pytest.mark.parametrize("value,expected", [("auto", "auto"), ("4", 4), ("8", 8), ("null", None)])
+def test_micro_batch_is_a_divisor_null_or_auto(value, expected):
+    cfg = load_config("mnist", ["train.global_batch=8", f"train.micro_batch={value}"])
+    assert cfg.train.micro_batch == expected and type(cfg.train.micro_batch) is type(expected)
+    # the trainer hands the config to the planner's child process as a dict
+    assert config_from_dict(config_to_dict(cfg)).train.micro_batch == expected
+
+
+@pytest.mark.parametrize("value,message", [
+    ("3", "must be positive and divide"), ("0", "must be positive"), ("-2", "must be positive"),
+    ("big", "is not an integer, null or auto"), ("2.5", "is not an integer"), ("true", "is not an integer"),
+    ("AUTO", "is not an integer, null or auto"),
+])
+def test_micro_batch_rejects_anything_else(value, message):
+    with pytest.raises(ConfigError, match=rf"train\.micro_batch: .*{message}"):
+        load_config("mnist", ["train.global_batch=8", f"train.micro_batch={value}"])

@@ -228,7 +228,7 @@ def _run_steps(cfg: Config, tracker: MemoryTracker, world_size: int, micro: int,
             if t.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 clip_grad_norm(net.parameters(), t.grad_clip)
-            scaler.step(optimizer)
+            _scaled_step(scaler, optimizer, unscaled=t.grad_clip > 0)
             scaler.update()
         tracker.assign([v for s in optimizer.state.values() for v in s.values()], "optimizer")
         state = {c: tracker.bytes_of(c) for c in STATE_CATEGORIES}
@@ -252,6 +252,18 @@ def _phase(tracker: MemoryTracker, counter: OpCounter | None, name: str) -> Iter
     with tracker.phase(name), (counter if counter is not None else contextlib.nullcontext()), \
             (counter.phase(name) if counter is not None else contextlib.nullcontext()):
         yield
+
+
+def _scaled_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, unscaled: bool) -> None:
+    """``scaler.step(optimizer)``, but for an optimizer that takes no inf flag (foreach AdamW: the CPU
+    path under fp16) the scaler reads the flag's value (``.item()``), which a fake tensor has none of:
+    unscale and step as the scaler does when no inf is found (the same allocations)."""
+    if not scaler.is_enabled() or getattr(optimizer, "_step_supports_amp_scaling", False):
+        scaler.step(optimizer)  # fused AdamW checks the flag on the device
+        return
+    if not unscaled:
+        scaler.unscale_(optimizer)
+    optimizer.step()
 
 
 def _without_ddp(cfg: Config) -> Config:

@@ -30,8 +30,11 @@ def largest_micro_batch(cfg: Config, world_size: int, capacity: int, reserve: in
                         activation_checkpointing: bool | None = None,
                         plan: Callable[..., MemoryPlan] = plan_memory) -> Fit:
     """Bisect over the divisors of this rank's share of ``train.global_batch`` for the largest
-    micro-batch that fits: ``peak + reserve <= capacity`` (bytes). The peak grows with the micro-batch
-    (activations scale with it), so a bisection needs about log2(number of divisors) fake runs.
+    micro-batch that fits: ``peak + reserve <= capacity`` (bytes). Among the sizes that accumulate
+    (two or more micro-batches per step) the peak grows with the micro-batch (activations scale with it);
+    the whole share, one micro-batch per step, frees the gradients before its forward pass and can peak
+    lower than half of it. So it is tried first, alone, and the others by bisection: about
+    log2(number of divisors) fake runs.
     ``activation_checkpointing``: plan with it on or off (None: as configured)."""
     if activation_checkpointing is not None:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,

@@ -157,7 +157,7 @@ class MemoryTracker(TorchDispatchMode):
                     self.peak = snapshot
 
     def _snapshot(self) -> Peak:
-        parents = self._modules.parents
+        parents = self._modules.parents - {"Global"}  # ModTracker's name for "outside every module"
         module = max(parents, key=lambda name: (name.count("."), len(name))) if parents else ""
         phase = self._phase
         if phase == "forward" and self._modules.is_bw:  # activation checkpointing recomputes in the backward pass

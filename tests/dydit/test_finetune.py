@@ -150,6 +150,19 @@ def test_command_line_refuses_bad_input_with_a_message(tmp_path, base_ckpt, caps
     assert not (tmp_path / "x").exists()  # no empty run directory left behind
 
 
+def test_auto_micro_batch_is_refused(tmp_path, base_ckpt, capsys):
+    """The memory planner plans MaskDiT / DiT training, not the DyDiT fine-tune: a message naming the key,
+    exit status 2, before the run directory is made."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        main(["finetune", "--init", str(base_ckpt), "--out", str(out), "--no-progress", *TINY_RUN,
+              "train.micro_batch=auto"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err and err.count("error:") == 1
+    assert "train.micro_batch: auto plans MaskDiT / DiT training" in err
+    assert not out.exists()
+
+
 def test_resume_refuses_a_run_without_training_state(tmp_path, base_ckpt, capsys):
     out = tmp_path / "old"
     out.mkdir()
