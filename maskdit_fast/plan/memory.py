@@ -115,6 +115,8 @@ def plan_memory(cfg: Config, world_size: int = 1, micro_batch: int | None = None
     the ops of the last step (:mod:`.roofline`; its phases are those of the plan), when given."""
     if not fake and world_size > 1:
         raise ValueError("a real run (fake=False) runs one process only")
+    if not fake and device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("a real run (fake=False) on cuda needs a CUDA device; plan it with fake=True")
     t = cfg.train
     configured = t.micro_batch if isinstance(t.micro_batch, int) else None  # auto: what is planned here
     micro, accumulation = split_global_batch(t.global_batch, world_size, micro_batch or configured)
