@@ -5,12 +5,10 @@ from fake tensors: a CPU-only report says something about XL/2 on those GPUs (do
 from __future__ import annotations
 
 import dataclasses
-import json
 
 from maskdit_fast.config import Config, LossConfig, TrainConfig
 from maskdit_fast.plan.gpus import DEFAULT_RESERVE_GB, GIB, gpu_named
-from maskdit_fast.plan.memory import MemoryPlan, plan_memory
-from maskdit_fast.plan.search import largest_micro_batch
+from maskdit_fast.plan.search import PlanCache, largest_micro_batch
 
 from .configs import ModelSpec, Variant
 
@@ -28,14 +26,7 @@ def row_config(spec: ModelSpec, variant: Variant, batch: int) -> Config:
 
 def plan_row(spec: ModelSpec, variant: Variant, batch: int) -> dict:
     """``planned_peak_gib`` at ``batch`` and ``planned_largest_micro_batch`` per GPU (0: not even one)."""
-    cache: dict[tuple[str, int], MemoryPlan] = {}
-
-    def cached(cfg: Config, world_size: int, micro: int, device: str = "cuda") -> MemoryPlan:
-        key = (json.dumps(dataclasses.asdict(cfg), sort_keys=True), micro)
-        if key not in cache:
-            cache[key] = plan_memory(cfg, world_size, micro, device=device)
-        return cache[key]
-
+    cached = PlanCache()  # the two GPUs' searches share their probes
     peak = cached(row_config(spec, variant, batch), 1, batch).peak
     search = row_config(spec, variant, SEARCH_BATCH)
     reserve = int(DEFAULT_RESERVE_GB * GIB)

@@ -21,13 +21,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import DIT_SIZES, Config, config_to_dict, load_config
+from ..config import DIT_SIZES, Config, load_config
 from ..errors import ArgumentParser, UserError
 from .gpus import DEFAULT_RESERVE_GB, GIB, GPU, GPUS, gpu_named
 from .memory import MemoryPlan, plan_memory
 from .roofline import OpCounter, gpu_hours, images_per_s, step_time_bound
 from .tracker import CATEGORIES
-from .search import Fit, largest_micro_batch
+from .search import Fit, PlanCache, largest_micro_batch
 
 LABELS = {"parameters": "parameters", "gradients": "gradients", "optimizer": "optimizer states", "ema": "EMA",
           "activations": "activations", "temporaries": "temporaries", "fsdp_gathered": "FSDP gathered (in flight)"}
@@ -84,14 +84,7 @@ def plan_run(cfg: Config, gpus: int, gpu: GPU, reserve: int, micro_batch: str | 
     share = cfg.train.global_batch // gpus
     if cfg.train.global_batch % gpus:
         raise UserError(f"train.global_batch={cfg.train.global_batch} does not divide over --gpus {gpus}")
-    plans: dict[tuple[str, int], MemoryPlan] = {}
-
-    def cached(config: Config, world_size: int, micro: int, device: str = "cuda") -> MemoryPlan:
-        key = (json.dumps(config_to_dict(config), sort_keys=True), micro)
-        if key not in plans:
-            plans[key] = plan_memory(config, world_size, micro, device=device)
-        return plans[key]
-
+    cached = PlanCache()  # the two searches share their first probes
     fits: dict[str, Fit] = {}
     if search or micro_batch == "auto":
         for ac in (False, True):
@@ -115,22 +108,19 @@ def plan_run(cfg: Config, gpus: int, gpu: GPU, reserve: int, micro_batch: str | 
         "fits": plan.peak + reserve <= gpu.memory_bytes,
         "largest_micro_batch": {k: {"micro_batch": f.micro_batch, "tried": f.tried} for k, f in fits.items()},
         "other_arch": other.to_dict(),
-        "maskdit_over_dit_peak": _ratio(plan, other, "peak"),
-        "maskdit_over_dit_activations": _ratio(plan, other, "saved_activations"),
+        "maskdit_over_dit_peak": _maskdit_over_dit(plan.peak, other.peak, plan),
+        "maskdit_over_dit_activations": _maskdit_over_dit(plan.saved_activations, other.saved_activations, plan),
     }
     bounds = [_bound(p, c, gpu, cfg, gpus) for p, c in zip((plan, other), counters)]
     result["roofline"] = {"plan": bounds[0], "other_arch": bounds[1],
-                          "maskdit_over_dit": _ratio(*bounds, key="step_s", arch_of=(plan, other))}
+                          "maskdit_over_dit": _maskdit_over_dit(bounds[0]["step_s"], bounds[1]["step_s"], plan)}
     result["seconds"] = time.perf_counter() - started
     return result
 
 
-def _ratio(a: Any, b: Any, key: str, arch_of: tuple[MemoryPlan, MemoryPlan] | None = None) -> float:
-    """MaskDiT's ``key`` over DiT's, of ``a`` and ``b`` (plans, or dicts belonging to the plans ``arch_of``)."""
-    first_is_maskdit = (arch_of[0] if arch_of else a).arch == "maskdit"
-    maskdit, dit = (a, b) if first_is_maskdit else (b, a)
-    value = (lambda x: x[key]) if isinstance(a, dict) else (lambda x: getattr(x, key))
-    return value(maskdit) / value(dit)
+def _maskdit_over_dit(mine: float, other: float, plan: MemoryPlan) -> float:
+    """MaskDiT's figure over DiT's, from ``plan``'s figure and the other architecture's."""
+    return mine / other if plan.arch == "maskdit" else other / mine
 
 
 def _bound(plan: MemoryPlan, counter: OpCounter, gpu: GPU, cfg: Config, gpus: int) -> dict[str, Any]:

@@ -2,16 +2,31 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..config import Config
+from ..config import Config, config_to_dict
 from .memory import MemoryPlan, plan_memory
 
 
 def divisors(n: int) -> list[int]:
     """The divisors of ``n``, ascending: the micro-batch sizes a share of ``n`` samples can be cut into."""
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+class PlanCache:
+    """:func:`plan_memory` that runs each (config, ranks, micro-batch, code path) once: pass it as
+    :func:`largest_micro_batch`'s ``plan`` when several searches share probes."""
+
+    def __init__(self) -> None:
+        self._plans: dict[tuple, MemoryPlan] = {}
+
+    def __call__(self, cfg: Config, world_size: int, micro_batch: int, device: str = "cuda") -> MemoryPlan:
+        key = (json.dumps(config_to_dict(cfg), sort_keys=True), world_size, micro_batch, device)
+        if key not in self._plans:
+            self._plans[key] = plan_memory(cfg, world_size, micro_batch, device=device)
+        return self._plans[key]
 
 
 @dataclass
