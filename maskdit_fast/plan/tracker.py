@@ -13,8 +13,9 @@ gradients and states: gradients of activations, workspaces), and under FSDP the 
 parameters and gradient reduce buffers in flight.
 
 Why not torch's ``MemTracker``: it does the same storage counting, but updates every module's peak
-on every op, which at DiT-XL/2 (1000+ modules, 10,000+ ops per step) made one fake step take 25 s;
-this tracker keeps one running total per category and costs a few microseconds per op.
+on every op, which at XL/2 (1000+ modules, thousands of ops per step) made two fake MaskDiT-XL/2
+steps take 49 s in an earlier probe on this project's 2-vCPU VM; this tracker keeps one running
+total per category, and a whole plan of two such steps takes about 2-3 s there.
 """
 from __future__ import annotations
 
